@@ -1,0 +1,49 @@
+# Copyright 2026 The mage-hf authors. MIT licence.
+"""mage-hf: MAGE (MAsked Generative Encoder, CVPR 2023) as transformers models.
+
+Importing this package registers the MAGE classes with transformers' `Auto*` factories, so that
+`AutoModel.from_pretrained(folder)` and `transformers.pipeline(..., model=folder)` work on converted folders.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+)
+
+from .configuration_mage import MageConfig, MageVQConfig
+from .image_processing_mage import MageImageProcessor
+from .modeling_mage import (
+    MageForImageClassification,
+    MageForMaskedImageModeling,
+    MageMaskedImageModelingOutput,
+    MageModel,
+    MagePreTrainedModel,
+)
+from .modeling_mage_vq import MageVQEncoderOutput, MageVQModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MageConfig",
+    "MageForImageClassification",
+    "MageForMaskedImageModeling",
+    "MageImageProcessor",
+    "MageMaskedImageModelingOutput",
+    "MageModel",
+    "MagePreTrainedModel",
+    "MageVQConfig",
+    "MageVQEncoderOutput",
+    "MageVQModel",
+]
+
+AutoConfig.register("mage", MageConfig, exist_ok=True)
+AutoConfig.register("mage_vq", MageVQConfig, exist_ok=True)
+AutoModel.register(MageConfig, MageModel, exist_ok=True)
+AutoModel.register(MageVQConfig, MageVQModel, exist_ok=True)
+AutoModelForImageClassification.register(MageConfig, MageForImageClassification, exist_ok=True)
+AutoModelForMaskedImageModeling.register(MageConfig, MageForMaskedImageModeling, exist_ok=True)
+AutoImageProcessor.register(MageConfig, slow_image_processor_class=MageImageProcessor, exist_ok=True)
+AutoImageProcessor.register(MageVQConfig, slow_image_processor_class=MageImageProcessor, exist_ok=True)

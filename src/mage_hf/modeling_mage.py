@@ -1,0 +1,606 @@
+# Copyright 2026 The mage-hf authors. MIT licence.
+# MAGE (Li et al., CVPR 2023) and its reference code (LTH14/mage) are MIT licensed.
+"""MAGE: a ViT over VQGAN tokens that both generates images (masked token modelling) and learns representations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_mage import MageConfig
+from .modeling_mage_vq import MageVQModel, MageVQQuantizer, init_vq_weights
+
+__all__ = [
+    "MageForImageClassification",
+    "MageForMaskedImageModeling",
+    "MageMaskedImageModelingOutput",
+    "MageModel",
+    "MagePreTrainedModel",
+    "sample_mask_ratio",
+    "random_token_masks",
+]
+
+
+@dataclass
+class MageMaskedImageModelingOutput(ModelOutput):
+    """
+    Output of [`MageForMaskedImageModeling`]. `L` is the number of image tokens (256 for a 16x16 grid).
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Label-smoothed cross-entropy over the codebook, averaged over masked positions. Returned when `labels`
+            are known (given, or taken from `pixel_values`).
+        logits (`torch.FloatTensor` of shape `(batch_size, L, codebook_size)`):
+            Scores over the codebook at every image position (the class position and the class/mask ids of the
+            vocabulary are left out).
+        labels (`torch.LongTensor` of shape `(batch_size, L)`, *optional*):
+            The target codebook ids: the tokens of `pixel_values`, or the `labels` passed in.
+        token_mask (`torch.BoolTensor` of shape `(batch_size, L)`):
+            `True` where the image token was masked (replaced by the mask token).
+        token_drop_mask (`torch.BoolTensor` of shape `(batch_size, L)`, *optional*):
+            `True` where the token was dropped before the encoder (a subset of `token_mask`).
+        mask_ratio (`float`, *optional*):
+            The masking ratio drawn for this batch, when the forward pass drew the masks.
+        encoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + kept, hidden_size)`):
+            Encoder output (after its final norm) for the class position and the kept tokens, in order.
+        encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Encoder embeddings and block outputs, each `(batch_size, 1 + kept, hidden_size)`, with
+            `output_hidden_states=True`.
+        encoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Encoder attention maps, each `(batch_size, num_heads, 1 + kept, 1 + kept)`, with `output_attentions=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    labels: torch.LongTensor | None = None
+    token_mask: torch.BoolTensor | None = None
+    token_drop_mask: torch.BoolTensor | None = None
+    mask_ratio: float | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def sample_mask_ratio(config: MageConfig, generator: torch.Generator | None = None) -> float:
+    """Draw MAGE's masking ratio from the truncated normal N(mu, std) on [mask_ratio_min, mask_ratio_max], by
+    inverting the normal CDF on a uniform draw from `generator`."""
+    mu, std = config.mask_ratio_mu, config.mask_ratio_std
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    low = normal.cdf(torch.tensor((config.mask_ratio_min - mu) / std, dtype=torch.float64))
+    high = normal.cdf(torch.tensor((config.mask_ratio_max - mu) / std, dtype=torch.float64))
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    ratio = mu + std * normal.icdf(low + u * (high - low))
+    return float(ratio.clamp(config.mask_ratio_min, config.mask_ratio_max))
+
+
+def random_token_masks(
+    noise: torch.Tensor, num_masked: int, num_dropped: int = 0
+) -> tuple[torch.BoolTensor, torch.BoolTensor]:
+    """MAGE's masks from per-token noise `(B, L)`: the `num_masked` lowest-noise tokens of each row are masked, and
+    the `num_dropped` lowest of those are also dropped. Ranks (not a threshold) decide, so ties cannot change the
+    counts. Returns `(token_mask, token_drop_mask)`, both `(B, L)` bool."""
+    if not 0 <= num_dropped <= num_masked <= noise.shape[1]:
+        raise ValueError(f"Need 0 <= num_dropped ({num_dropped}) <= num_masked ({num_masked}) <= {noise.shape[1]}.")
+    ranks = noise.argsort(dim=1).argsort(dim=1)  # (B, L): 0 for the lowest noise
+    return ranks < num_masked, ranks < num_dropped
+
+
+class MageEmbeddings(nn.Module):
+    """Token embedding (BERT style): word + learned position embedding -> LayerNorm -> dropout."""
+
+    def __init__(self, config: MageConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        positions = self.position_embeddings.weight[: input_ids.shape[1]]  # (1+L, D)
+        return self.dropout(self.layer_norm(self.word_embeddings(input_ids) + positions))
+
+
+class MageAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection. The scores are computed in float32, as in the
+    original (which disables autocast for them); SDPA is used unless eager attention is configured or the attention
+    maps are asked for."""
+
+    def __init__(self, config: MageConfig, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, width = x.shape
+        qkv = self.qkv(x).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
+        dropout = self.attn_dropout if self.training else 0.0
+        weights = None
+        if self.config._attn_implementation == "sdpa" and not output_attentions:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        else:
+            scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # (B, H, N, N) in float32
+            weights = scores.softmax(dim=-1)
+            out = F.dropout(weights, p=dropout, training=self.training).to(v.dtype) @ v
+        out = out.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, N, D)
+        return self.proj_dropout(self.proj(out)), weights
+
+
+class MageMLP(nn.Module):
+    def __init__(self, config: MageConfig, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class MageLayer(GradientCheckpointingLayer):
+    """Pre-norm ViT block, used by both the encoder and the decoder."""
+
+    def __init__(self, config: MageConfig, hidden_size: int, num_heads: int, intermediate_size: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attn = MageAttention(config, hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MageMLP(config, hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.attn(self.norm1(x), output_attentions=output_attentions)
+        x = x + attn_out
+        return x + self.mlp(self.norm2(x)), weights
+
+
+class MageTransformer(nn.Module):
+    """A stack of [`MageLayer`]s that can collect hidden states and attention maps."""
+
+    def __init__(self, config: MageConfig, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            MageLayer(config, hidden_size, num_heads, intermediate_size) for _ in range(num_layers)
+        )
+
+    def forward(self, x, output_hidden_states: bool = False, output_attentions: bool = False):
+        hidden_states = (x,) if output_hidden_states else None
+        attentions = () if output_attentions else None
+        for layer in self.layers:
+            x, weights = layer(x, output_attentions=output_attentions)
+            if output_hidden_states:
+                hidden_states += (x,)
+            if output_attentions:
+                attentions += (weights,)
+        return x, hidden_states, attentions
+
+
+class MagePooler(nn.Module):
+    """`use_mean_pooling`: LayerNorm (the checkpoints' `fc_norm`) of the mean over image positions. Otherwise: the
+    class position of the (normed) last hidden state."""
+
+    def __init__(self, config: MageConfig):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.layernorm is not None:
+            return self.layernorm(hidden_states[:, 1:].mean(dim=1))
+        return hidden_states[:, 0]
+
+
+class MagePreTrainedModel(PreTrainedModel):
+    config: MageConfig
+    config_class = MageConfig
+    base_model_prefix = "mage"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MageLayer", "MageVQResnetBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # As the original: xavier-uniform linears with zero bias, N(0, 0.02) embeddings, unit norms.
+        if isinstance(module, (nn.Conv2d, nn.GroupNorm, MageVQQuantizer)):
+            init_vq_weights(module)  # the tokenizer's own scheme (the quantizer runs after its nn.Embedding)
+        elif isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MageDecoder):
+            init.normal_(module.position_embeddings, std=self.config.initializer_range)
+        elif isinstance(module, MageMLMHead):
+            init.zeros_(module.bias)
+
+
+class MageModel(MagePreTrainedModel):
+    """The MAGE encoder, with its tokenizer. It takes images or token ids and returns one vector per position: the
+    class position first, then the image tokens (or the kept ones, when `token_drop_mask` drops some)."""
+
+    def __init__(self, config: MageConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.vq_model = MageVQModel(config.vq_config)
+        self.vq_model.requires_grad_(False)  # the tokenizer is frozen, as in MAGE
+        self.embeddings = MageEmbeddings(config)
+        self.encoder = MageTransformer(
+            config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
+        )
+        # With mean pooling (MAGE's `global_pool`) the final norm is replaced by the pooler's norm.
+        self.layernorm = (
+            nn.Identity() if config.use_mean_pooling else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        )
+        self.pooler = MagePooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    @torch.no_grad()
+    def tokenize(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """Images in [0, 1] `(B, 3, H, W)` -> codebook ids `(B, L)`, row-major."""
+        token_ids = self.vq_model.encode(pixel_values).token_ids  # (B, h, w)
+        return token_ids.flatten(1)  # (B, L)
+
+    def check_input_ids(self, input_ids: torch.Tensor, allow_mask: bool = True) -> None:
+        """Raise a clear error unless `input_ids` are `(B, L)` codebook ids (or the mask id)."""
+        num_tokens, codebook_size = self.config.num_image_tokens, self.config.codebook_size
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError("input_ids must be an integer torch.Tensor of codebook ids with shape (batch, tokens).")
+        if input_ids.ndim != 2 or input_ids.shape[1] != num_tokens:
+            raise ValueError(
+                f"input_ids must have shape (batch, {num_tokens}): one codebook id per image token, without the class "
+                f"position (the model prepends it). Got {tuple(input_ids.shape)}."
+            )
+        valid = (input_ids >= 0) & (input_ids < codebook_size)
+        if allow_mask:
+            valid |= input_ids == self.config.mask_token_id
+        if not bool(valid.all()):
+            bad = input_ids[~valid]
+            allowed = f"[0, {codebook_size - 1}]" + (f" or the mask id {self.config.mask_token_id}" if allow_mask else "")
+            raise ValueError(
+                f"input_ids must be codebook ids in {allowed}; got {bad.numel()} out-of-range values such as "
+                f"{int(bad[0])}. The codebook of this model has {codebook_size} entries."
+            )
+
+    def build_sequence(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """Prepend the class position (the fake class label) to image token ids: `(B, L)` -> `(B, 1 + L)`."""
+        class_ids = input_ids.new_full((input_ids.shape[0], 1), self.config.fake_class_label)
+        return torch.cat([class_ids, input_ids], dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        token_drop_mask: torch.BoolTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Images in [0, 1] (see [`MageImageProcessor`]), tokenized by the model's VQGAN.
+            input_ids (`torch.LongTensor` of shape `(batch_size, L)`, *optional*):
+                Codebook ids (or `config.mask_token_id`) of the image tokens, row-major, without the class position.
+                Give either these or `pixel_values`.
+            token_drop_mask (`torch.BoolTensor` of shape `(batch_size, L)`, *optional*):
+                `True` for tokens to leave out of the encoder. Every row must drop the same number of tokens.
+
+        Returns:
+            [`~transformers.modeling_outputs.BaseModelOutputWithPooling`] (or a tuple with `return_dict=False`):
+            `last_hidden_state` of shape `(batch_size, 1 + kept, hidden_size)`, the class position first;
+            `pooler_output` of shape `(batch_size, hidden_size)` (see `config.use_mean_pooling`; `None` without a
+            pooling layer); `hidden_states` and `attentions` when asked for.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+
+        if (pixel_values is None) == (input_ids is None):
+            raise ValueError("Pass exactly one of `pixel_values` (images in [0, 1]) or `input_ids` (codebook ids).")
+        if input_ids is None:
+            input_ids = self.tokenize(pixel_values)
+        else:
+            self.check_input_ids(input_ids)
+        sequence = self.build_sequence(input_ids)
+        x = self.embeddings(sequence)  # (B, 1+L, D)
+        if token_drop_mask is not None:
+            x = drop_tokens(x, token_drop_mask)  # (B, 1+kept, D)
+
+        x, hidden_states, attentions = self.encoder(x, output_hidden_states, output_attentions)
+        x = self.layernorm(x)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        if not return_dict:
+            return tuple(v for v in (x, pooled, hidden_states, attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
+        )
+
+
+def drop_tokens(x: torch.Tensor, token_drop_mask: torch.Tensor) -> torch.Tensor:
+    """Remove the dropped image tokens from `x` `(B, 1+L, D)`; the class position is always kept."""
+    batch_size, seq_len, width = x.shape
+    if token_drop_mask.shape != (batch_size, seq_len - 1):
+        raise ValueError(
+            f"token_drop_mask must have shape (batch, {seq_len - 1}), got {tuple(token_drop_mask.shape)}."
+        )
+    keep = torch.cat([token_drop_mask.new_ones(batch_size, 1), ~token_drop_mask.bool()], dim=1)  # (B, 1+L)
+    counts = keep.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"Every row of token_drop_mask must drop the same number of tokens, got {counts.tolist()}.")
+    return x[keep].reshape(batch_size, -1, width)  # (B, 1+kept, D), original order
+
+
+class MageDecoder(nn.Module):
+    """MAGE's decoder. Dropped and masked positions are filled with the decoder embedding of the class position (the
+    original's `pad_with_cls_token=True`; its `mask_token` parameter is unused), then learned position embeddings
+    are added and the blocks and a final norm applied."""
+
+    def __init__(self, config: MageConfig):
+        super().__init__()
+        self.embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.max_position_embeddings, config.decoder_hidden_size))
+        self.transformer = MageTransformer(
+            config,
+            config.decoder_hidden_size,
+            config.decoder_num_hidden_layers,
+            config.decoder_num_attention_heads,
+            config.decoder_intermediate_size,
+        )
+        self.layernorm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self, encoder_out: torch.Tensor, token_mask: torch.BoolTensor, token_drop_mask: torch.BoolTensor | None
+    ) -> torch.Tensor:
+        x = self.embed(encoder_out)  # (B, 1+kept, Dd)
+        batch_size, _, width = x.shape
+        seq_len = token_mask.shape[1] + 1
+        pad = x[:, :1].expand(batch_size, seq_len, width)  # (B, 1+L, Dd): the class position everywhere
+        if token_drop_mask is not None and bool(token_drop_mask.any()):
+            keep = torch.cat([token_mask.new_ones(batch_size, 1), ~token_drop_mask], dim=1)  # (B, 1+L)
+            full = pad.clone()
+            full[keep] = x.reshape(-1, width)
+        else:
+            full = x
+        masked = torch.cat([token_mask.new_zeros(batch_size, 1), token_mask], dim=1)  # (B, 1+L)
+        x = torch.where(masked.unsqueeze(-1), pad, full) + self.position_embeddings[:, :seq_len]
+        x, _, _ = self.transformer(x)
+        return self.layernorm(x)
+
+
+class MageMLMHead(nn.Module):
+    """Linear (decoder width -> encoder width) -> GELU -> LayerNorm, then scores against the token embedding
+    matrix plus a bias. The embedding matrix is detached, as in the original: the MLM loss does not train it."""
+
+    def __init__(self, config: MageConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.decoder_hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.mlm_layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor, num_ids: int) -> torch.Tensor:
+        # Only the first `num_ids` vocabulary rows (the codebook) are ever needed, so only those are computed.
+        h = self.layer_norm(self.act(self.dense(hidden_states)))
+        return F.linear(h, word_embeddings[:num_ids].detach(), self.bias[:num_ids])
+
+
+class MageForMaskedImageModeling(MagePreTrainedModel):
+    """MAGE with its decoder and MLM layer: predicts the codebook id of masked image tokens. This is the model
+    of the pre-training checkpoints, used for pre-training and for generation."""
+
+    def __init__(self, config: MageConfig):
+        super().__init__(config)
+        if config.use_mean_pooling:
+            raise ValueError(
+                "MageForMaskedImageModeling needs the encoder's final norm; load it with use_mean_pooling=False."
+            )
+        self.mage = MageModel(config, add_pooling_layer=False)
+        self.decoder = MageDecoder(config)
+        self.mlm_head = MageMLMHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        token_mask: torch.BoolTensor | None = None,
+        token_drop_mask: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        generator: torch.Generator | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MageMaskedImageModelingOutput | tuple:
+        r"""
+        Two uses:
+
+        * **Training** (MAGE's pre-training step): pass `pixel_values` (or `input_ids`/`labels` of unmasked tokens)
+          and no `token_mask`. A masking ratio is drawn from the truncated normal of the config (or `mask_ratio`),
+          per-token `noise` is drawn (or passed), and the `ceil(L * ratio)` lowest-noise tokens are masked, of which
+          the `ceil(L * drop_ratio)` lowest are also dropped before the encoder. The loss is computed against the
+          unmasked ids.
+        * **Inference**: pass `input_ids` holding `config.mask_token_id` at the unknown positions (or an explicit
+          `token_mask`). Nothing is dropped unless `token_drop_mask` says so. `logits` score the codebook.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Images in [0, 1]; their tokens become the targets.
+            input_ids (`torch.LongTensor` of shape `(batch_size, L)`, *optional*):
+                Codebook ids, with `config.mask_token_id` at masked positions.
+            token_mask (`torch.BoolTensor` of shape `(batch_size, L)`, *optional*):
+                `True` for tokens to mask. Positions already holding the mask id are masked too.
+            token_drop_mask (`torch.BoolTensor` of shape `(batch_size, L)`, *optional*):
+                `True` for masked tokens to leave out of the encoder (must be a subset of the mask).
+            labels (`torch.LongTensor` of shape `(batch_size, L)`, *optional*):
+                Target codebook ids. Taken from `pixel_values`, or from `input_ids` when masks are drawn here.
+            noise (`torch.FloatTensor` of shape `(batch_size, L)`, *optional*):
+                Per-token noise that decides which tokens are masked when the masks are drawn here.
+            mask_ratio (`float`, *optional*):
+                Masking ratio to use instead of drawing one.
+            generator (`torch.Generator`, *optional*):
+                Source of the random masking ratio and noise.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        config = self.config
+        num_tokens = config.num_image_tokens
+
+        if pixel_values is not None:
+            if input_ids is not None:
+                raise ValueError("Pass either `pixel_values` or `input_ids`, not both.")
+            input_ids = self.mage.tokenize(pixel_values)
+            labels = input_ids if labels is None else labels
+        elif input_ids is None:
+            raise ValueError("Pass `pixel_values` (images in [0, 1]) or `input_ids` (codebook ids).")
+        self.mage.check_input_ids(input_ids)
+        device = input_ids.device
+
+        drew_masks = token_mask is None and not bool((input_ids == config.mask_token_id).any())
+        if drew_masks:
+            # Pre-training: draw the ratio and the noise unless given.
+            labels = input_ids if labels is None else labels
+            if mask_ratio is None:
+                mask_ratio = sample_mask_ratio(config, generator)
+            if noise is None:
+                noise = torch.rand(input_ids.shape, generator=generator, device="cpu").to(device)
+            elif noise.shape != input_ids.shape:
+                raise ValueError(f"noise must have shape {tuple(input_ids.shape)}, got {tuple(noise.shape)}.")
+            num_masked = math.ceil(num_tokens * mask_ratio)
+            num_dropped = min(math.ceil(num_tokens * config.drop_ratio), num_masked)
+            token_mask, drawn_drop_mask = random_token_masks(noise, num_masked, num_dropped)
+            token_drop_mask = drawn_drop_mask if token_drop_mask is None else token_drop_mask
+        else:
+            is_mask_id = input_ids == config.mask_token_id
+            token_mask = is_mask_id if token_mask is None else (token_mask.bool() | is_mask_id)
+        if token_mask.shape != input_ids.shape:
+            raise ValueError(f"token_mask must have shape {tuple(input_ids.shape)}, got {tuple(token_mask.shape)}.")
+        if token_drop_mask is not None:
+            token_drop_mask = token_drop_mask.bool()
+            if token_drop_mask.shape != input_ids.shape or bool((token_drop_mask & ~token_mask).any()):
+                raise ValueError("token_drop_mask must have the shape of input_ids and drop only masked tokens.")
+
+        masked_ids = input_ids.masked_fill(token_mask, config.mask_token_id)
+        encoder_outputs = self.mage(
+            input_ids=masked_ids,
+            token_drop_mask=token_drop_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        decoded = self.decoder(encoder_outputs.last_hidden_state, token_mask, token_drop_mask)  # (B, 1+L, Dd)
+        word_embeddings = self.mage.embeddings.word_embeddings.weight
+        logits = self.mlm_head(decoded[:, 1:], word_embeddings, config.codebook_size)  # (B, L, K)
+
+        loss = None
+        if labels is not None:
+            self.mage.check_input_ids(labels, allow_mask=False)
+            loss = masked_token_loss(logits, labels, token_mask, config.label_smoothing)
+
+        output = MageMaskedImageModelingOutput(
+            loss=loss,
+            logits=logits,
+            labels=labels,
+            token_mask=token_mask,
+            token_drop_mask=token_drop_mask,
+            mask_ratio=mask_ratio if drew_masks else None,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def masked_token_loss(
+    logits: torch.Tensor, labels: torch.LongTensor, token_mask: torch.BoolTensor, label_smoothing: float
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy over the codebook, averaged over masked positions (MAGE's loss)."""
+    per_token = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), reduction="none", label_smoothing=label_smoothing
+    ).view_as(labels)  # (B, L)
+    mask = token_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class MageForImageClassification(MagePreTrainedModel):
+    """MAGE encoder with a linear head on the pooled output, as in MAGE's fine-tuned checkpoints (`use_mean_pooling`:
+    mean over image positions, `fc_norm`, `head`)."""
+
+    def __init__(self, config: MageConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.mage = MageModel(config, add_pooling_layer=True)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Images in [0, 1] (see [`MageImageProcessor`]).
+            input_ids (`torch.LongTensor` of shape `(batch_size, L)`, *optional*):
+                Codebook ids instead of images.
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices for the cross-entropy loss (mean squared error when `num_labels == 1`).
+
+        Returns:
+            [`~transformers.modeling_outputs.ImageClassifierOutput`] with `logits` of shape `(batch_size, num_labels)`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        outputs = self.mage(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            elif labels.dtype in (torch.long, torch.int):
+                loss = F.cross_entropy(logits, labels)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
