@@ -64,7 +64,7 @@ class MageVQConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if not self.channel_multiplier:
             raise ValueError("`channel_multiplier` needs at least one level, e.g. [1, 1, 2, 2, 4].")
-        for width in self.level_channels + [self.embed_dim]:
+        for width in self.level_channels:  # every GroupNorm sits on a level's width
             if width % self.norm_num_groups:
                 raise ValueError(
                     f"Every width must be a multiple of norm_num_groups={self.norm_num_groups}; got {width} from "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import pickle
 import re
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,10 +74,10 @@ def load_original_checkpoint(path: str | Path) -> dict:
             "could run arbitrary code). Re-save just the state dict, e.g. torch.save({'model': sd}, ...), from a "
             f"trusted environment. Details: {str(err).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except Exception as err:  # garbage bytes fail in many ways inside the unpickler (KeyError, EOFError, ...)
         raise CheckpointError(
             f"{path} could not be read as a PyTorch checkpoint; it may be truncated or corrupt (re-download it). "
-            f"Details: {err}"
+            f"Details: {type(err).__name__}: {err}"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict.")

@@ -24,11 +24,15 @@ torchvision), including torchvision's rounding of the resized long side and of t
 RGB inputs the output matches MAGE's eval transform.
 """
 
-from __future__ import annotations
-
 import numbers
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import Any
+
+
+try:  # Python >= 3.11
+    from typing import Unpack
+except ImportError:  # pragma: no cover
+    from typing_extensions import Unpack
 
 import numpy as np
 import PIL.Image
@@ -445,6 +449,28 @@ def _check_background_color(color: Any) -> tuple[int, int, int]:
             f"{color!r}."
         )
     return tuple(int(c) for c in color)
+
+
+def _resize_output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
+    """Output (height, width) of a resize, with torchvision's `Resize` rounding for `shortest_edge`."""
+    if size.shortest_edge is not None:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size.shortest_edge, int(size.shortest_edge * long / short)
+        if size.longest_edge is not None:
+            if size.longest_edge <= new_short:
+                raise ValueError(
+                    f"size['longest_edge']={size.longest_edge} must be larger than "
+                    f"size['shortest_edge']={size.shortest_edge}."
+                )
+            if new_long > size.longest_edge:
+                new_short, new_long = int(size.longest_edge * new_short / new_long), size.longest_edge
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+    if size.height is not None and size.width is not None:
+        return size.height, size.width
+    raise ValueError(
+        f"MageImageProcessor supports size={{'shortest_edge': s}} (optionally with 'longest_edge') or "
+        f"size={{'height': h, 'width': w}}, got {dict(size)}."
+    )
 
 
 def _infer_layout(shape: tuple[int, ...]) -> ChannelDimension:
