@@ -183,7 +183,7 @@ class MageImageProcessor(PilBackend):
                 raise ValueError("Received an empty list of images; pass at least one image.")
             for i, item in enumerate(images):
                 if isinstance(item, (list, tuple)):
-                    if len(item) > 0 and all(_is_number(x) or isinstance(x, (list, tuple)) for x in item):
+                    if _is_nested_numbers(item):
                         raise TypeError(
                             f"images[{i}] is a nested Python list of numbers, which is not an image. Convert it to an "
                             "array first, e.g. `np.asarray(pixels, dtype=np.uint8)` with shape (H, W) or (H, W, C)."
@@ -343,7 +343,10 @@ class MageImageProcessor(PilBackend):
 # helpers
 
 
-def _is_number(value: Any) -> bool:
+def _is_nested_numbers(value: Any) -> bool:
+    """True for a number or a non-empty (nested) list/tuple whose leaves are all numbers."""
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0 and all(_is_nested_numbers(x) for x in value)
     return isinstance(value, (numbers.Number, np.generic))
 
 

@@ -214,6 +214,8 @@ class MagePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MageLayer", "MageVQResnetBlock"]
     _supports_sdpa = True
+    # A pre-training folder loads into the encoder or a classifier too; its decoder and MLM head are then unused.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mlm_head\."]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -297,7 +299,7 @@ class MageModel(MagePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        **kwargs,  # e.g. a `generator` passed along by generic callers; the encoder draws nothing at random
     ) -> BaseModelOutputWithPooling | tuple:
         r"""
         Args:
@@ -319,7 +321,7 @@ class MageModel(MagePreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if (pixel_values is None) == (input_ids is None):
             raise ValueError("Pass exactly one of `pixel_values` (images in [0, 1]) or `input_ids` (codebook ids).")
@@ -461,7 +463,8 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             token_drop_mask (`torch.BoolTensor` of shape `(batch_size, L)`, *optional*):
                 `True` for masked tokens to leave out of the encoder (must be a subset of the mask).
             labels (`torch.LongTensor` of shape `(batch_size, L)`, *optional*):
-                Target codebook ids. Taken from `pixel_values`, or from `input_ids` when masks are drawn here.
+                Target codebook ids. By default the tokens of `pixel_values`, or `input_ids` when they hold no mask
+                id (the masks then come from `token_mask` or are drawn here).
             noise (`torch.FloatTensor` of shape `(batch_size, L)`, *optional*):
                 Per-token noise that decides which tokens are masked when the masks are drawn here.
             mask_ratio (`float`, *optional*):
@@ -469,7 +472,7 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             generator (`torch.Generator`, *optional*):
                 Source of the random masking ratio and noise.
         """
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
         num_tokens = config.num_image_tokens
 
@@ -477,16 +480,17 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             if input_ids is not None:
                 raise ValueError("Pass either `pixel_values` or `input_ids`, not both.")
             input_ids = self.mage.tokenize(pixel_values)
-            labels = input_ids if labels is None else labels
         elif input_ids is None:
             raise ValueError("Pass `pixel_values` (images in [0, 1]) or `input_ids` (codebook ids).")
         self.mage.check_input_ids(input_ids)
         device = input_ids.device
 
-        drew_masks = token_mask is None and not bool((input_ids == config.mask_token_id).any())
+        has_mask_ids = bool((input_ids == config.mask_token_id).any())
+        if labels is None and not has_mask_ids:
+            labels = input_ids  # every id is known, so the masked ones are the targets
+        drew_masks = token_mask is None and not has_mask_ids
         if drew_masks:
             # Pre-training: draw the ratio and the noise unless given.
-            labels = input_ids if labels is None else labels
             if mask_ratio is None:
                 mask_ratio = sample_mask_ratio(config, generator)
             if noise is None:
@@ -582,7 +586,7 @@ class MageForImageClassification(MagePreTrainedModel):
         Returns:
             [`~transformers.modeling_outputs.ImageClassifierOutput`] with `logits` of shape `(batch_size, num_labels)`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.mage(
             pixel_values=pixel_values,
             input_ids=input_ids,

@@ -1,0 +1,42 @@
+# mage-hf: `make demo` runs the main job, `make test` runs the test suite. Both install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+# The demo converts this checkpoint. The default is the small original-layout model next to the repo (the golden
+# test data); for the real thing: make demo CHECKPOINT=mage-vitb-1600.pth CONVERT_FLAGS=
+CHECKPOINT ?= ../shared/golden/mage-tiny/mage_pretrain.pth
+CONVERT_FLAGS ?= --num-heads 2 --decoder-num-heads 4
+OUTPUT ?= outputs
+
+.PHONY: install demo test test-fast test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,demo]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	@test -f "$(CHECKPOINT)" || { echo "No checkpoint at $(CHECKPOINT): run make demo CHECKPOINT=path/to/mage-vitb-1600.pth CONVERT_FLAGS="; exit 2; }
+	$(VENV)/bin/mage-hf convert --checkpoint "$(CHECKPOINT)" --output "$(OUTPUT)/mage-hf-model" $(CONVERT_FLAGS)
+	$(PY) -m mage_hf.demo --model "$(OUTPUT)/mage-hf-model" --output "$(OUTPUT)"
+
+# The whole suite: the default selection, then the real-size (slow) checks.
+test: install
+	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow
+
+test-fast: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(OUTPUT) .pytest_cache build src/*.egg-info

@@ -1,0 +1,345 @@
+"""MAGE models on a tiny configuration: training forward, determinism, round trips, Auto classes, errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+)
+
+from mage_hf import (
+    MageConfig,
+    MageForImageClassification,
+    MageForMaskedImageModeling,
+    MageImageProcessor,
+    MageModel,
+    MageVQConfig,
+    MageVQModel,
+)
+from mage_hf.modeling_mage import random_token_masks, sample_mask_ratio
+
+
+def tiny_config(**kwargs) -> MageConfig:
+    vq = MageVQConfig(base_channels=32, channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1, num_embeddings=16, embed_dim=8)
+    defaults = dict(
+        vq_config=vq, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=2, decoder_intermediate_size=64,
+    )
+    defaults.update(kwargs)
+    return MageConfig(**defaults)
+
+
+def config_fields(config) -> dict:
+    """The config as saved, less what loading itself records (where it came from, the dtype it was loaded in)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "dtype")}
+    if "vq_config" in fields:
+        fields["vq_config"] = {k: v for k, v in fields["vq_config"].items() if k not in ("_name_or_path", "dtype")}
+    return fields
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+
+
+def test_config_derived_ids():
+    config = tiny_config()
+    assert config.vocab_size == 16 + 1000 + 1
+    assert config.fake_class_label == 16 + 76
+    assert config.mask_token_id == config.vocab_size - 1
+    assert config.num_image_tokens == 256 and config.max_position_embeddings == 257
+    released = MageConfig()
+    assert (released.vocab_size, released.fake_class_label, released.mask_token_id) == (2025, 1100, 2024)
+
+
+def test_config_rejects_inconsistent_values():
+    with pytest.raises(ValueError, match="drop_ratio"):
+        tiny_config(drop_ratio=0.6)
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny_config(decoder_num_attention_heads=5)
+    with pytest.raises(ValueError, match="multiple of norm_num_groups"):
+        MageVQConfig(base_channels=48)
+
+
+def test_training_forward_draws_masks_like_mage(images):
+    model = MageForMaskedImageModeling(tiny_config()).train()
+    out = model(pixel_values=images, generator=torch.Generator().manual_seed(1))
+    L = 256
+    assert 0.5 <= out.mask_ratio <= 1.0
+    num_masked = math.ceil(L * out.mask_ratio)
+    assert out.token_mask.sum(1).tolist() == [num_masked] * 2
+    assert out.token_drop_mask.sum(1).tolist() == [128] * 2  # ceil(256 * 0.5) never enter the encoder
+    assert not (out.token_drop_mask & ~out.token_mask).any()
+    assert out.encoder_last_hidden_state.shape == (2, 1 + L - 128, 32)
+    assert out.logits.shape == (2, L, 16)
+    assert torch.isfinite(out.loss)
+
+    again = model.eval()(pixel_values=images, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out.token_mask, again.token_mask) and out.mask_ratio == again.mask_ratio
+
+
+def test_explicit_noise_and_ratio_decide_the_masks(images):
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    noise = torch.rand(2, 256, generator=torch.Generator().manual_seed(3))
+    out = model(pixel_values=images, noise=noise, mask_ratio=0.7)
+    expected_mask, expected_drop = random_token_masks(noise, math.ceil(256 * 0.7), 128)
+    assert torch.equal(out.token_mask, expected_mask) and torch.equal(out.token_drop_mask, expected_drop)
+    # The masked positions are the lowest-noise ones.
+    for row in range(2):
+        assert noise[row][out.token_mask[row]].max() < noise[row][~out.token_mask[row]].min()
+    again = model(pixel_values=images, noise=noise, mask_ratio=0.7)
+    assert torch.equal(out.logits, again.logits) and torch.equal(out.loss, again.loss)
+
+
+def test_mask_ratio_follows_the_truncated_normal():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    config = MageConfig()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_mask_ratio(config, g) for _ in range(20000)], dtype=torch.float64)
+    a, b = (0.5 - 0.55) / 0.25, (1.0 - 0.55) / 0.25
+    dist = scipy_stats.truncnorm(a, b, loc=0.55, scale=0.25)
+    assert draws.min() >= 0.5 and draws.max() <= 1.0
+    assert abs(float(draws.mean()) - dist.mean()) < 4 * dist.std() / math.sqrt(len(draws))
+    assert abs(float(draws.std()) - dist.std()) < 0.01
+    assert abs(float(draws.median()) - dist.median()) < 0.01
+
+
+def test_loss_trains_the_model_not_the_tokenizer_nor_through_the_mlm_weights(images):
+    model = MageForMaskedImageModeling(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    out = model(pixel_values=images, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert all(p.grad is None for p in model.mage.vq_model.parameters())
+    grad = model.mage.embeddings.word_embeddings.weight.grad
+    used = torch.unique(torch.cat([out.labels.masked_fill(out.token_mask, model.config.mask_token_id).flatten(),
+                                   torch.tensor([model.config.fake_class_label])]))
+    unused = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    unused[used] = False
+    # Rows of ids that never entered the encoder get no gradient: the MLM layer uses a detached copy.
+    assert grad[unused].abs().max() == 0
+    assert grad[used].abs().sum() > 0
+    assert model.mlm_head.bias.grad is not None and model.decoder.position_embeddings.grad is not None
+
+
+def test_inference_forward_scores_masked_ids(images):
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = model.mage.tokenize(images)
+    masked = ids.clone()
+    masked[:, :100] = model.config.mask_token_id
+    out = model(input_ids=masked)
+    assert out.loss is None and out.mask_ratio is None and out.token_drop_mask is None
+    assert out.token_mask[:, :100].all() and not out.token_mask[:, 100:].any()
+    explicit = model(input_ids=ids, token_mask=out.token_mask)
+    assert torch.allclose(out.logits, explicit.logits, atol=1e-6)
+    assert explicit.loss is not None  # labels are known from the unmasked ids
+
+
+def test_overfits_a_fixed_batch(images):
+    """With a fixed image and mask the model can memorise the masked ids: the loss must fall well below the ~ln(16)
+    of a uniform guess. (Learning is slowish: the MLM scores against the detached, small-norm token embeddings.)"""
+    torch.manual_seed(0)
+    model = MageForMaskedImageModeling(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    ids = model.mage.tokenize(images[:1])
+    noise = torch.rand(1, 256, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(80):
+        loss = model(input_ids=ids, noise=noise, mask_ratio=0.6).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.95 * math.log(16)
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(images):
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    plain = MageForMaskedImageModeling(config).train()
+    checkpointed = MageForMaskedImageModeling(config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing_enable()
+    for model in (plain, checkpointed):
+        model(pixel_values=images, noise=torch.linspace(0, 1, 512).view(2, 256), mask_ratio=0.6).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("use_mean_pooling", [False, True])
+def test_pooled_output(images, use_mean_pooling):
+    model = MageModel(tiny_config(use_mean_pooling=use_mean_pooling)).eval()
+    out = model(pixel_values=images, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 257, 32)
+    if use_mean_pooling:  # fc_norm of the mean over image positions of the last block (no final norm)
+        expected = model.pooler.layernorm(out.hidden_states[-1][:, 1:].mean(1))
+        assert isinstance(model.layernorm, torch.nn.Identity)
+    else:  # the normed class position
+        expected = out.last_hidden_state[:, 0]
+    assert torch.allclose(out.pooler_output, expected)
+
+
+def test_sdpa_and_eager_agree_and_attentions_are_returned(images):
+    config = tiny_config()
+    sdpa = MageForMaskedImageModeling(config).eval()
+    assert sdpa.config._attn_implementation == "sdpa"
+    eager_config = tiny_config()
+    eager_config._attn_implementation = "eager"
+    eager = MageForMaskedImageModeling(eager_config).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    ids = sdpa.mage.tokenize(images)
+    mask = torch.rand(2, 256) < 0.5
+    a, b = sdpa(input_ids=ids, token_mask=mask), eager(input_ids=ids, token_mask=mask, output_attentions=True)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert len(b.encoder_attentions) == 2 and b.encoder_attentions[0].shape == (2, 2, 257, 257)
+    assert torch.allclose(b.encoder_attentions[0].sum(-1), torch.ones(2, 2, 257))
+    c = sdpa(input_ids=ids, token_mask=mask, output_attentions=True)  # falls back to eager for the maps
+    assert torch.allclose(c.encoder_attentions[1], b.encoder_attentions[1], atol=1e-6)
+
+
+def test_tuple_outputs(images):
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = model.mage.tokenize(images)
+    out = model(input_ids=ids, token_mask=torch.ones_like(ids, dtype=torch.bool), return_dict=False)
+    assert isinstance(out, tuple) and out[0].ndim == 0 and out[1].shape == (2, 256, 16)  # (loss, logits, ...)
+    encoder = MageModel(tiny_config()).eval()
+    assert isinstance(encoder(input_ids=ids, return_dict=False), tuple)
+
+
+@pytest.mark.parametrize("cls", [MageModel, MageForMaskedImageModeling, MageForImageClassification])
+def test_save_and_load_round_trip_is_exact(tmp_path, images, cls):
+    model = cls(tiny_config(num_labels=3)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+    loaded = cls.from_pretrained(tmp_path).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert config_fields(loaded.config) == config_fields(model.config)
+    # The masked-token model draws masks from `generator`: the same seed must give the same numbers.
+    first = model(pixel_values=images, generator=torch.Generator().manual_seed(0), return_dict=False)
+    second = loaded(pixel_values=images, generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert all(torch.equal(x, y) for x, y in zip(first, second) if isinstance(x, torch.Tensor))
+
+
+def test_vq_round_trip_and_errors(tmp_path, images):
+    vq = MageVQModel(tiny_config().vq_config).eval()
+    vq.save_pretrained(tmp_path)
+    loaded = MageVQModel.from_pretrained(tmp_path).eval()
+    ids = vq.encode(images).token_ids
+    assert ids.shape == (2, 16, 16) and torch.equal(ids, loaded.encode(images).token_ids)
+    assert torch.equal(vq.decode(ids), loaded.decode(ids))
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 15\]"):
+        vq.decode(torch.full((1, 16, 16), 16))
+    with pytest.raises(ValueError, match="token_ids must have shape"):
+        vq.decode(ids.flatten(1))
+    with pytest.raises(TypeError, match="integer"):
+        vq.decode(ids.float())
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
+        vq.encode(images[:, :1])
+    with pytest.raises(ValueError, match="multiples of 16 pixels"):
+        vq.encode(images[:, :, :250, :250])
+    with pytest.raises(TypeError, match="MageImageProcessor"):
+        vq.encode(images.numpy())
+
+
+def test_bad_ids_and_inputs_are_refused(images):
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = model.mage.tokenize(images)
+    too_big = ids.clone()
+    too_big[1, 7] = 16  # one past the codebook
+    with pytest.raises(ValueError, match=r"codebook ids in \[0, 15\] or the mask id 1016; got 1 out-of-range values such as 16"):
+        model(input_ids=too_big)
+    with pytest.raises(ValueError, match="such as -1"):
+        model.mage(input_ids=too_big.clamp(max=15) - (too_big == 15).long() * 16)
+    with pytest.raises(ValueError, match="codebook ids"):
+        model.mage(input_ids=torch.full_like(ids, model.config.fake_class_label))
+    with pytest.raises(ValueError, match=r"shape \(batch, 256\)"):
+        model.mage(input_ids=ids[:, :100])
+    with pytest.raises(TypeError, match="integer"):
+        model.mage(input_ids=ids.float())
+    with pytest.raises(ValueError, match="exactly one"):
+        model.mage(pixel_values=images, input_ids=ids)
+    with pytest.raises(ValueError, match="labels|codebook ids"):
+        model(input_ids=ids, token_mask=ids > 5, labels=ids.masked_fill(ids > 5, model.config.mask_token_id))
+    with pytest.raises(ValueError, match="drop only masked tokens"):
+        model(input_ids=ids, token_mask=ids > 100, token_drop_mask=torch.ones_like(ids, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same number of tokens"):
+        drop = torch.zeros_like(ids, dtype=torch.bool)
+        drop[0, :3] = True
+        model(input_ids=ids, token_mask=torch.ones_like(drop), token_drop_mask=drop)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        model(input_ids=ids, noise=torch.rand(2, 10))
+    with pytest.raises(ValueError, match="use_mean_pooling=False"):
+        MageForMaskedImageModeling(tiny_config(use_mean_pooling=True))
+
+
+# ---------------------------------------------------------------------------------------------- Auto* and folders
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """A pre-training-style folder and a classifier folder, each with its processor config, like `mage-hf convert`."""
+    mim = MageForMaskedImageModeling(tiny_config()).eval()
+    mim.save_pretrained(tmp_path / "mim")
+    clf = MageForImageClassification(tiny_config(use_mean_pooling=True, id2label={0: "cat", 1: "dog", 2: "emu"})).eval()
+    clf.save_pretrained(tmp_path / "clf")
+    for name in ("mim", "clf"):
+        MageImageProcessor().save_pretrained(tmp_path / name)
+    return tmp_path
+
+
+def test_auto_classes(folders, images):
+    assert type(AutoConfig.from_pretrained(folders / "mim")) is MageConfig
+    encoder = AutoModel.from_pretrained(folders / "mim")  # the decoder and MLM head are left out
+    assert type(encoder) is MageModel
+    mim = AutoModelForMaskedImageModeling.from_pretrained(folders / "mim")
+    assert type(mim) is MageForMaskedImageModeling
+    assert torch.equal(encoder.embeddings.word_embeddings.weight, mim.mage.embeddings.word_embeddings.weight)
+    clf = AutoModelForImageClassification.from_pretrained(folders / "clf")
+    assert type(clf) is MageForImageClassification and clf.config.id2label[2] == "emu"
+    assert type(AutoImageProcessor.from_pretrained(folders / "mim")) is MageImageProcessor
+    with torch.no_grad():
+        assert torch.allclose(encoder(pixel_values=images).last_hidden_state,
+                              mim.mage(pixel_values=images).last_hidden_state)
+
+
+def test_offline_loading_in_a_fresh_process(folders):
+    code = (
+        "import mage_hf, transformers, torch;"
+        f"m = transformers.AutoModelForImageClassification.from_pretrained(r'{folders / 'clf'}');"
+        "print(type(m).__name__, m.config.id2label[1])"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(folders / "empty-cache"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["MageForImageClassification", "dog"]
+
+
+def test_transformers_pipelines(folders):
+    from PIL import Image
+    from transformers import pipeline
+
+    photo = Image.fromarray((torch.rand(300, 200, 3) * 255).byte().numpy())
+    extractor = pipeline("image-feature-extraction", model=str(folders / "mim"))
+    features = torch.tensor(extractor(photo, return_tensors=False))
+    assert features.shape == (1, 257, 32)
+    pooled = extractor(photo, return_tensors=True, pool=True)
+    assert pooled.shape == (1, 32)
+    model = MageModel.from_pretrained(folders / "mim").eval()
+    inputs = MageImageProcessor()(photo, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(pooled, model(**inputs).pooler_output, atol=1e-6)
+
+    classifier = pipeline("image-classification", model=str(folders / "clf"))
+    result = classifier(photo, top_k=3)
+    assert {r["label"] for r in result} == {"cat", "dog", "emu"}
+    assert abs(sum(r["score"] for r in result) - 1) < 1e-5
