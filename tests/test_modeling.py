@@ -221,6 +221,8 @@ def test_save_and_load_round_trip_is_exact(tmp_path, images, cls):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
     loaded = cls.from_pretrained(tmp_path).eval()
+    for m in (model, loaded):  # the tokenizer stays frozen, the rest trains
+        assert {n for n, p in m.named_parameters() if not p.requires_grad} == {n for n, _ in m.named_parameters() if ".vq_model." in n or n.startswith("vq_model.")}
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert config_fields(loaded.config) == config_fields(model.config)
@@ -343,3 +345,32 @@ def test_transformers_pipelines(folders):
     result = classifier(photo, top_k=3)
     assert {r["label"] for r in result} == {"cat", "dog", "emu"}
     assert abs(sum(r["score"] for r in result) - 1) < 1e-5
+
+
+def test_any_image_goes_through_processor_and_model():
+    """Grayscale, RGBA, palette and odd-sized images are made RGB 256x256 by the processor and then encoded."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    rgb = Image.fromarray((torch.rand(301, 97, 3, generator=rng) * 255).byte().numpy())
+    images = [rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("P"), rgb, rgb.resize((1000, 17))]
+    model = MageModel(tiny_config()).eval()
+    inputs = MageImageProcessor()(images, return_tensors="pt")
+    assert inputs.pixel_values.shape == (5, 3, 256, 256)
+    assert 0 <= inputs.pixel_values.min() and inputs.pixel_values.max() <= 1
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.last_hidden_state.shape == (5, 257, 32) and torch.isfinite(out.last_hidden_state).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward(images, dtype):
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = model.mage.tokenize(images)
+    mask = torch.rand(2, 256, generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.no_grad():
+        reference = model(input_ids=ids, token_mask=mask)
+        half = model.to(dtype)(input_ids=ids, token_mask=mask)
+    assert half.logits.dtype == dtype and half.loss.dtype == torch.float32
+    assert (half.logits.float() - reference.logits).abs().max() < 0.1
+    assert abs(half.loss.item() - reference.loss.item()) < 0.05

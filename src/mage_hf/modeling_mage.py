@@ -78,7 +78,7 @@ def sample_mask_ratio(config: MageConfig, generator: torch.Generator | None = No
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
     low = normal.cdf(torch.tensor((config.mask_ratio_min - mu) / std, dtype=torch.float64))
     high = normal.cdf(torch.tensor((config.mask_ratio_max - mu) / std, dtype=torch.float64))
-    u = torch.rand((), generator=generator, dtype=torch.float64)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu").cpu()
     ratio = mu + std * normal.icdf(low + u * (high - low))
     return float(ratio.clamp(config.mask_ratio_min, config.mask_ratio_max))
 
@@ -217,6 +217,18 @@ class MagePreTrainedModel(PreTrainedModel):
     # A pre-training folder loads into the encoder or a classifier too; its decoder and MLM head are then unused.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mlm_head\."]
 
+    def freeze_tokenizer(self) -> None:
+        """Stop gradients to the VQGAN tokenizer, which MAGE keeps frozen."""
+        for module in self.modules():
+            if isinstance(module, MageVQModel):
+                module.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_tokenizer()  # loading installs new parameters, which resets their requires_grad flag
+        return model
+
     @torch.no_grad()
     def _init_weights(self, module):
         # As the original: xavier-uniform linears with zero bias, N(0, 0.02) embeddings, unit norms.
@@ -244,7 +256,6 @@ class MageModel(MagePreTrainedModel):
     def __init__(self, config: MageConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.vq_model = MageVQModel(config.vq_config)
-        self.vq_model.requires_grad_(False)  # the tokenizer is frozen, as in MAGE
         self.embeddings = MageEmbeddings(config)
         self.encoder = MageTransformer(
             config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
@@ -255,6 +266,7 @@ class MageModel(MagePreTrainedModel):
         )
         self.pooler = MagePooler(config) if add_pooling_layer else None
         self.post_init()
+        self.freeze_tokenizer()  # the tokenizer is frozen, as in MAGE
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
@@ -494,7 +506,9 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             if mask_ratio is None:
                 mask_ratio = sample_mask_ratio(config, generator)
             if noise is None:
-                noise = torch.rand(input_ids.shape, generator=generator, device="cpu").to(device)
+                # Drawn on the generator's device, so a CPU generator gives the same masks on any device.
+                noise_device = generator.device if generator is not None else device
+                noise = torch.rand(input_ids.shape, generator=generator, device=noise_device).to(device)
             elif noise.shape != input_ids.shape:
                 raise ValueError(f"noise must have shape {tuple(input_ids.shape)}, got {tuple(noise.shape)}.")
             num_masked = math.ceil(num_tokens * mask_ratio)
