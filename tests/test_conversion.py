@@ -115,6 +115,22 @@ def test_any_shape_converts_and_matches_the_original(tmp_path, name):
         assert torch.equal(standalone.encode(images).token_ids.flatten(1), vq_encode(vq["state_dict"], images, shape, prefix="")[0])
 
 
+def test_classifier_with_class_position_pooling(tmp_path):
+    """A fine-tuned checkpoint without global pooling (MAGE's --cls_token) keeps `norm` and pools position 0."""
+    shape = SHAPES["wide-decoder"]
+    sd = make_original_checkpoint(shape, "finetune", seed=8)["model"]
+    sd["norm.weight"], sd["norm.bias"] = sd.pop("fc_norm.weight"), sd.pop("fc_norm.bias")
+    convert_checkpoint(save(tmp_path, "ft.pth", {"model": sd}), tmp_path / "ft", num_attention_heads=shape.num_heads)
+    model = MageForImageClassification.from_pretrained(tmp_path / "ft").eval()
+    assert model.config.use_mean_pooling is False
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ids, _ = vq_encode(sd, images, shape)
+        hidden = encoder_hidden_states(sd, torch.cat([torch.full((2, 1), shape.fake_class_label), ids], 1), shape)
+        expected = hidden[:, 0] @ sd["head.weight"].T + sd["head.bias"]
+        assert (model(pixel_values=images).logits - expected).abs().max() < 1e-5
+
+
 def test_every_key_is_accounted_for(tmp_path):
     shape = SHAPES["wide-decoder"]
     ckpt = make_original_checkpoint(shape, "pretrain")
