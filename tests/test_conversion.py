@@ -250,6 +250,19 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_checkpoint_saved_by_the_original_training_code(tmp_path):
+    """`util/misc.py save_model` also stores optimizer state, the epoch, the loss scaler and an argparse.Namespace."""
+    import argparse
+
+    sd = make_original_checkpoint(OriginalShape.tiny(), "pretrain")["model"]
+    args = argparse.Namespace(model="mage_vit_base_patch16", blr=1.5e-4, mask_ratio_min=0.5, output_dir="out", resume="")
+    state = {"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}, "epoch": 1599,
+             "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "args": args}
+    report = convert_checkpoint(save(tmp_path, "checkpoint-1599.pth", state), tmp_path / "out", num_attention_heads=2,
+                                decoder_num_attention_heads=4)
+    assert report.kind == "pretrain" and report.max_abs_diff == 0.0
+
+
 def test_kind_override_must_fit(tmp_path):
     path = save(tmp_path, "vq.ckpt", make_original_checkpoint(OriginalShape.tiny(), "vqgan"))
     with pytest.raises(CheckpointError, match="--kind pretrain was given"):

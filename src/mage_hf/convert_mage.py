@@ -18,6 +18,7 @@ model folder under `mage.vq_model.*`.
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 import time
@@ -67,7 +68,10 @@ def load_original_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"No checkpoint file at {path}.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Checkpoints written by the original training code also hold its `argparse.Namespace` of arguments (and
+        # optimizer state); allowing that one plain container keeps them loadable without a full unpickler.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and plain containers, so it was not loaded (loading it "
