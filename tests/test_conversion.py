@@ -209,6 +209,9 @@ def test_foreign_checkpoint(tmp_path):
     resnet_like = {"state_dict": {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}}
     with pytest.raises(CheckpointError, match="does not look like a MAGE checkpoint"):
         convert_checkpoint(save(tmp_path, "r.pth", resnet_like), tmp_path / "out")
+    # Forcing a kind gets past detection, and then the missing keys are named.
+    with pytest.raises(CheckpointError, match="lacks 'quantize.embedding.weight'"):
+        convert_checkpoint(tmp_path / "r.pth", tmp_path / "out", kind="vqgan")
     with pytest.raises(CheckpointError, match="holds a list"):
         convert_checkpoint(save(tmp_path, "l.pth", [torch.zeros(1)]), tmp_path / "out")
 

@@ -313,10 +313,15 @@ def convert_checkpoint(
 
     start = time.perf_counter()
     sd = unwrap_state_dict(load_original_checkpoint(checkpoint))
-    detected = detect_kind(sd)
-    kind = kind or detected
-    if kind not in KINDS:
+    if kind is not None and kind not in KINDS:
         raise CheckpointError(f"Unknown kind '{kind}'; use one of {KINDS}.")
+    try:
+        detected = detect_kind(sd)
+    except CheckpointError:
+        if kind is None:
+            raise
+        detected = kind  # trust --kind; the strict key accounting below names whatever does not fit
+    kind = kind or detected
     if kind != detected:
         raise CheckpointError(f"--kind {kind} was given, but the checkpoint has the layout of a '{detected}' checkpoint.")
 
