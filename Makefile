@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+# The CPU build of torch (and the torchvision made for it); a bare `torch` requirement would pull a multi-GB CUDA
+# build. The constraints file keeps later installs from replacing it.
+CONSTRAINTS ?= constraints-cpu.txt
 
 # The demo converts this checkpoint. The default is the small original-layout model next to the repo (the golden
 # test data); for the real thing: make demo CHECKPOINT=mage-vitb-1600.pth CONVERT_FLAGS=
@@ -13,11 +14,11 @@ OUTPUT ?= outputs
 
 .PHONY: install demo test test-fast test-slow clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,demo]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test,demo]"
 	touch $@
 
 install: $(VENV)/.installed
