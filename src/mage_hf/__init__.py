@@ -1,5 +1,5 @@
 # Copyright 2026 The mage-hf authors. MIT licence.
-"""mage-hf: MAGE (MAsked Generative Encoder, CVPR 2023) as transformers models.
+"""mage-hf: MAGE (MAsked Generative Encoder, CVPR 2023) as transformers models and diffusers pipelines.
 
 Importing this package registers the MAGE classes with transformers' `Auto*` factories, so that
 `AutoModel.from_pretrained(folder)` and `transformers.pipeline(..., model=folder)` work on converted folders.
@@ -23,6 +23,8 @@ from .modeling_mage import (
     MagePreTrainedModel,
 )
 from .modeling_mage_vq import MageVQEncoderOutput, MageVQModel
+from .pipeline_mage import MageGenerationPipeline, MageInpaintPipeline, MagePipelineOutput
+from .scheduling_mage import MageScheduler, MageSchedulerOutput
 
 __version__ = "0.1.0"
 
@@ -30,10 +32,15 @@ __all__ = [
     "MageConfig",
     "MageForImageClassification",
     "MageForMaskedImageModeling",
+    "MageGenerationPipeline",
     "MageImageProcessor",
+    "MageInpaintPipeline",
     "MageMaskedImageModelingOutput",
     "MageModel",
+    "MagePipelineOutput",
     "MagePreTrainedModel",
+    "MageScheduler",
+    "MageSchedulerOutput",
     "MageVQConfig",
     "MageVQEncoderOutput",
     "MageVQModel",

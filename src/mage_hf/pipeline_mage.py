@@ -1,0 +1,629 @@
+# Copyright 2026 The mage-hf authors. MIT licence.
+# MAGE (Li et al., CVPR 2023) and its reference code (LTH14/mage) are MIT licensed.
+"""diffusers pipelines over a MAGE model: generation, inpainting, outpainting and variations.
+
+Both pipelines hold two components, `model` (a [`MageForMaskedImageModeling`], whose VQGAN tokenizer lives inside it,
+so its weights are stored once) and `scheduler` (a [`MageScheduler`]). A pipeline folder is `model_index.json`,
+`model/` and `scheduler/`; `from_pretrained` also takes a bare converted or trained model folder, and Hub repo ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+
+from .modeling_mage import MageForMaskedImageModeling
+from .scheduling_mage import GeneratorArg, MageScheduler
+
+__all__ = [
+    "MageGenerationPipeline",
+    "MageInpaintPipeline",
+    "MagePipelineOutput",
+    "OUTPAINT_DIRECTIONS",
+    "prepare_image",
+    "prepare_mask",
+    "token_mask_from_pixels",
+    "make_outpaint_inputs",
+]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OUTPAINT_DIRECTIONS = ("left", "right", "up", "down", "uncrop")
+
+
+@dataclass
+class MagePipelineOutput(BaseOutput):
+    """
+    Output of the MAGE pipelines.
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            With `output_type="pil"`, a list of `batch_size` images; `"np"`: float32 `(batch_size, height, width, 3)`
+            in [0, 1]; `"pt"`: `(batch_size, 3, height, width)` in [0, 1]; `"latent"`: the token ids
+            `(batch_size, grid_height, grid_width)`.
+        token_mask (`torch.BoolTensor` of shape `(batch_size, grid_height, grid_width)`, *optional*):
+            For inpainting, outpainting and variations: `True` for the tokens that were generated.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    token_mask: torch.BoolTensor | None = None
+
+
+def _resolve_folder(name_or_path: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local folder for `name_or_path`: the folder itself, or a snapshot of a Hub repo.
+
+    diffusers' own repo-id loading refuses pipelines whose components come from outside diffusers and transformers (it
+    looks for a `.py` file per component in the repo). Taking the snapshot first and loading from the folder avoids
+    that check, and is the same code path online and offline (with `HF_HUB_OFFLINE=1`, `snapshot_download` returns
+    the cached snapshot or raises a clear error)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{name_or_path} is a file; pass a pipeline or model folder (or a Hub repo id).")
+    from huggingface_hub import snapshot_download
+
+    keys = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+    kwargs = {k: hub_kwargs[k] for k in keys if hub_kwargs.get(k) is not None}
+    return Path(snapshot_download(str(name_or_path), **kwargs))
+
+
+def _to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """Clamp decoded images to [0, 1] (the VQGAN's output is unclipped) in float32."""
+    return images.float().clamp_(0.0, 1.0)
+
+
+def prepare_image(image, resolution: int) -> torch.Tensor:
+    """Images -> float32 `(B, 3, resolution, resolution)` in [0, 1].
+
+    Takes a PIL image, a list of them, a numpy array `(H, W, 3)`/`(B, H, W, 3)` (uint8, or float in [0, 1]) or a
+    tensor `(3, H, W)`/`(B, 3, H, W)` in [0, 1]. Images must be square; other sizes are resized (bicubic) to the
+    model's resolution. Transparent images are composited onto white."""
+    if isinstance(image, PIL.Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("image is an empty list.")
+        if not all(isinstance(im, PIL.Image.Image) for im in image):
+            raise TypeError("A list `image` must hold PIL images.")
+        arrays = []
+        for im in image:
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = PIL.Image.alpha_composite(background, rgba)
+            arrays.append(np.asarray(im.convert("RGB")))
+        sizes = {a.shape for a in arrays}
+        if len(sizes) != 1:
+            raise ValueError(f"All images in a batch must have the same size, got {sorted(sizes)}.")
+        image = np.stack(arrays)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[-1] != 3:
+            raise ValueError(f"A numpy image must be (H, W, 3) or (B, H, W, 3), got {image.shape}.")
+        image = torch.from_numpy(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32))
+        image = image.permute(0, 3, 1, 2)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"A tensor image must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}.")
+    image = image.float()
+    if float(image.min()) < -1e-3 or float(image.max()) > 1 + 1e-3:
+        raise ValueError("Tensor and float images must be in [0, 1] (uint8 numpy arrays are scaled automatically).")
+    height, width = image.shape[-2:]
+    if height != width:
+        raise ValueError(
+            f"Images must be square, got {width}x{height}. Crop it to a square first (for a wider picture, inpaint "
+            "or outpaint a square window of it)."
+        )
+    if height != resolution:
+        image = F.interpolate(image, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
+    return image.clamp(0.0, 1.0)
+
+
+def prepare_mask(mask_image, batch_size: int, image_size: int) -> torch.Tensor:
+    """Masks -> float32 `(B, 1, S, S)` in {0, 1} at the size of the input image: 1 (white) marks pixels to
+    regenerate, 0 (black) pixels to keep; grey levels are thresholded at 0.5.
+
+    Takes a PIL image of any mode (converted to greyscale; for RGBA the alpha channel is ignored), a list of them, a
+    numpy array `(H, W)`/`(B, H, W)` or a tensor `(H, W)`/`(B, H, W)`/`(B, 1, H, W)` (bool, uint8, or float in
+    [0, 1]). One mask for a batch applies to every image."""
+    if isinstance(mask_image, PIL.Image.Image):
+        mask_image = [mask_image]
+    if isinstance(mask_image, (list, tuple)):
+        if not mask_image or not all(isinstance(m, PIL.Image.Image) for m in mask_image):
+            raise TypeError("A list `mask_image` must hold PIL images.")
+        mask_image = np.stack([np.asarray(m.convert("L")) for m in mask_image])
+    if isinstance(mask_image, np.ndarray):
+        mask_image = torch.from_numpy(mask_image.astype(np.float32) / 255.0 if mask_image.dtype == np.uint8 else mask_image.astype(np.float32))
+    if not isinstance(mask_image, torch.Tensor):
+        raise TypeError(f"mask_image must be a PIL image, numpy array or tensor, got {type(mask_image).__name__}.")
+    mask = mask_image.float()
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask_image must be (H, W), (B, H, W) or (B, 1, H, W), got {tuple(mask_image.shape)}.")
+    if mask.shape[0] not in (1, batch_size):
+        raise ValueError(f"Got {mask.shape[0]} masks for {batch_size} images; pass one mask, or one per image.")
+    if tuple(mask.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} but the image is {image_size}x{image_size}; the mask "
+            "must have the size of the image it applies to."
+        )
+    if float(mask.min()) < 0 or float(mask.max()) > 1:
+        raise ValueError("Float masks must be in [0, 1] (1 = regenerate).")
+    return (mask >= 0.5).float().expand(batch_size, -1, -1, -1)
+
+
+def token_mask_from_pixels(mask: torch.Tensor, grid_size: int) -> torch.BoolTensor:
+    """`(B, 1, S, S)` pixel mask -> `(B, grid, grid)`: `True` for every token whose cell overlaps a masked pixel."""
+    return F.adaptive_max_pool2d(mask, grid_size)[:, 0] > 0  # (B, h, w)
+
+
+def make_outpaint_inputs(image: torch.Tensor, direction: str, amount: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The square window to inpaint for an outpainting preset, and its pixel mask.
+
+    `image` is `(B, 3, S, S)` in [0, 1]. For `"left"`, `"right"`, `"up"` and `"down"`, `amount` in (0, 1) is the
+    fraction of `S` to add on that side: the window is the `S`-wide strip at that edge of the grown canvas, holding
+    the nearest `(1 - amount) * S` pixels of the image as context and the new area, masked. For `"uncrop"`, the image
+    is shrunk by `1 - amount` into the centre of an `S` canvas and the border is masked. Returns `(window, mask)`,
+    each `(B, C, S, S)`; the new area starts grey."""
+    if direction not in OUTPAINT_DIRECTIONS:
+        raise ValueError(f"direction must be one of {OUTPAINT_DIRECTIONS}, got {direction!r}.")
+    size = image.shape[-1]
+    extra = int(round(amount * size)) if 0.0 < amount < 1.0 else 0
+    if extra < 1 or extra > size - 1:
+        raise ValueError(f"amount must be in (0, 1) and leave at least one pixel on each side, got {amount}.")
+    window = torch.full_like(image, 0.5)
+    mask = torch.zeros_like(image[:, :1])
+    keep = size - extra
+    if direction == "right":
+        window[..., :keep] = image[..., extra:]
+        mask[..., keep:] = 1
+    elif direction == "left":
+        window[..., extra:] = image[..., :keep]
+        mask[..., :extra] = 1
+    elif direction == "down":
+        window[..., :keep, :] = image[..., extra:, :]
+        mask[..., keep:, :] = 1
+    elif direction == "up":
+        window[..., extra:, :] = image[..., :keep, :]
+        mask[..., :extra, :] = 1
+    else:  # uncrop: shrink into the centre, mask the border
+        inner = keep
+        small = F.interpolate(image, size=(inner, inner), mode="bicubic", align_corners=False, antialias=True)
+        top = (size - inner) // 2
+        window[..., top : top + inner, top : top + inner] = small.clamp(0, 1)
+        mask.fill_(1)
+        mask[..., top : top + inner, top : top + inner] = 0
+    return window, mask
+
+
+class MageGenerationPipeline(DiffusionPipeline):
+    r"""
+    Image generation with MAGE: every image token starts masked and is filled in by iterative decoding
+    ([`MageScheduler`]), then the tokens are decoded by the model's VQGAN.
+
+    Args:
+        model ([`MageForMaskedImageModeling`]):
+            The MAGE model (with its VQGAN tokenizer inside).
+        scheduler ([`MageScheduler`]):
+            The decoding schedule; its `mask_token_id` must be the model's.
+    """
+
+    model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["token_ids", "logits"]
+
+    def __init__(self, model: MageForMaskedImageModeling, scheduler: MageScheduler):
+        super().__init__()
+        if scheduler.config.mask_token_id != model.config.mask_token_id:
+            raise ValueError(
+                f"The scheduler's mask_token_id ({scheduler.config.mask_token_id}) is not the model's "
+                f"({model.config.mask_token_id}); build it with MageScheduler.from_model_config(model.config)."
+            )
+        self.register_modules(model=model, scheduler=scheduler)
+        self._interrupt = False
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "MageGenerationPipeline":
+        """Load a pipeline folder (`model_index.json`), a bare MAGE model folder (converted or trained; the scheduler
+        then gets its defaults), or either from the Hub by repo id. Keyword arguments are those of
+        `DiffusionPipeline.from_pretrained` (`torch_dtype`/`dtype`, `revision`, `cache_dir`, `token`,
+        `local_files_only`, components to replace such as `scheduler=`...)."""
+        folder = _resolve_folder(pretrained_model_name_or_path, **kwargs)
+        for key in ("revision", "force_download", "proxies"):
+            kwargs.pop(key, None)  # already used to fetch the snapshot
+        if (folder / "model_index.json").is_file():
+            return super().from_pretrained(folder, **kwargs)
+        config_file = folder / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "mage":
+            dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+            model = kwargs.pop("model", None) or MageForMaskedImageModeling.from_pretrained(folder, dtype=dtype)
+            scheduler = kwargs.pop("scheduler", None) or MageScheduler.from_model_config(model.config)
+            return cls(model=model, scheduler=scheduler)
+        raise ValueError(
+            f"{pretrained_model_name_or_path} holds neither a pipeline (model_index.json) nor a MAGE model "
+            "(config.json with model_type 'mage'). Convert a checkpoint with `mage-hf convert` or train one first."
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def grid_size(self) -> int:
+        return self.model.config.vq_config.grid_size
+
+    @property
+    def resolution(self) -> int:
+        return self.model.config.vq_config.resolution
+
+    # ------------------------------------------------------------------ shared steps
+
+    def check_common_inputs(
+        self, num_inference_steps, output_type, generator, batch_size, guidance_scale, callback_on_step_end_tensor_inputs
+    ) -> None:
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for {batch_size} images; pass one, or one per image.")
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}.")
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}.")
+
+    def prepare_class_labels(self, class_labels, batch_size: int, guidance_scale: float) -> torch.LongTensor | None:
+        """`class_labels` (an int, or one per image) -> `(B,)` on the device, or None for unconditional models."""
+        num_classes = int(getattr(self.model.config, "num_classes", 0) or 0)
+        if class_labels is None:
+            if guidance_scale > 1.0:
+                raise ValueError("guidance_scale > 1 needs class_labels (classifier-free guidance is class-conditional).")
+            return None
+        if num_classes == 0:
+            raise ValueError("This model is class-unconditional (config.num_classes == 0); do not pass class_labels.")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"Got {labels.numel()} class labels for {batch_size} images; pass one, or one per image.")
+        if bool(((labels < -1) | (labels >= num_classes)).any()):
+            raise ValueError(f"class_labels must be in [0, {num_classes - 1}] (or -1 for unconditional), got {labels.tolist()}.")
+        return labels.to(self._execution_device)
+
+    def predict_logits(self, token_ids: torch.LongTensor, class_labels, guidance_scale: float) -> torch.Tensor:
+        """Logits over the codebook `(B, L, K)` for the current ids, with classifier-free guidance when asked."""
+        if class_labels is None:
+            return self.model(input_ids=token_ids, return_dict=True).logits
+        if guidance_scale > 1.0:
+            # One batched pass: the conditional rows, then the same ids with the unconditional (fake) label.
+            ids = torch.cat([token_ids, token_ids])
+            labels = torch.cat([class_labels, torch.full_like(class_labels, -1)])
+            cond, uncond = self.model(input_ids=ids, class_labels=labels, return_dict=True).logits.float().chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        return self.model(input_ids=token_ids, class_labels=class_labels, return_dict=True).logits
+
+    def denoise(
+        self,
+        token_ids: torch.LongTensor,
+        num_inference_steps: int,
+        choice_temperature: float | None,
+        generator: GeneratorArg,
+        class_labels: torch.LongTensor | None,
+        guidance_scale: float,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> torch.LongTensor:
+        """The decoding loop: fill the masked ids of `token_ids` `(B, L)`."""
+        self.scheduler.set_timesteps(num_inference_steps, device=token_ids.device)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(self.scheduler.timesteps):
+                if self.interrupt:
+                    break
+                logits = self.predict_logits(token_ids, class_labels, guidance_scale)  # (B, L, K)
+                token_ids = self.scheduler.step(
+                    logits, t, token_ids, generator=generator, choice_temperature=choice_temperature
+                ).prev_sample
+                if callback_on_step_end is not None:
+                    local_vars = {"token_ids": token_ids, "logits": logits}
+                    callback_kwargs = {k: local_vars[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    token_ids = callback_outputs.pop("token_ids", token_ids)
+                progress_bar.update()
+        return token_ids
+
+    @contextlib.contextmanager
+    def _tokenizer_in_float32(self):
+        """Run the VQGAN in float32 whatever the model's dtype: its decoder's activations overflow float16, and its
+        nearest-code search needs the precision. The model is put back in its dtype afterwards."""
+        vq_model = self.model.mage.vq_model
+        dtype = vq_model.dtype
+        if dtype != torch.float32:
+            vq_model.to(torch.float32)
+        try:
+            yield vq_model
+        finally:
+            if dtype != torch.float32:
+                vq_model.to(dtype)
+
+    def tokenize(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """Images `(B, 3, S, S)` in [0, 1] -> codebook ids `(B, L)`."""
+        with self._tokenizer_in_float32() as vq_model:
+            return vq_model.encode(pixel_values.to(self._execution_device, torch.float32)).token_ids.flatten(1)
+
+    def decode(self, token_ids: torch.LongTensor) -> torch.Tensor:
+        """Codebook ids `(B, L)` -> images `(B, 3, S, S)` in [0, 1], float32."""
+        grid = self.grid_size
+        with self._tokenizer_in_float32() as vq_model:
+            images = vq_model.decode(token_ids.view(-1, grid, grid))  # (B, 3, S, S)
+        return _to_float_images(images)
+
+    def postprocess(self, images: torch.Tensor, output_type: str):
+        """`(B, 3, H, W)` float in [0, 1] -> the requested output type."""
+        if output_type == "pt":
+            return images.cpu()
+        array = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        if output_type == "np":
+            return array
+        return self.numpy_to_pil(array)
+
+    def _callback_inputs(self, callback_on_step_end, tensor_inputs):
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            return callback_on_step_end.tensor_inputs
+        return list(tensor_inputs)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_images: int = 1,
+        num_inference_steps: int = 20,
+        choice_temperature: float | None = None,
+        generator: GeneratorArg = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("token_ids",),
+    ) -> MagePipelineOutput | tuple:
+        r"""
+        Generate images.
+
+        Args:
+            num_images (`int`, *optional*, defaults to 1):
+                How many images to generate.
+            num_inference_steps (`int`, *optional*, defaults to 20):
+                Decoding steps. MAGE's ViT-B numbers use 20 (FID 11.1 with choice temperature 6.0).
+            choice_temperature (`float`, *optional*):
+                Gumbel noise scale of the re-masking choice (annealed to 0); defaults to the scheduler's (4.5).
+            generator (`torch.Generator` or a list of one per image, *optional*):
+                With one generator per image, image `i` depends only on generator `i`: the same seed gives the same
+                image whatever the batch it is in.
+            class_labels (`int`, `list[int]` or `torch.LongTensor`, *optional*):
+                For class-conditional models: one label, or one per image (-1 = unconditional).
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                Classifier-free guidance on the logits, `uncond + s * (cond - uncond)`; 1 disables it.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"` (the token ids).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`MagePipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called as `callback_on_step_end(pipeline, step, timestep, callback_kwargs)` after every step with the
+                tensors named in `callback_on_step_end_tensor_inputs` (`"token_ids"`, `"logits"`); it may return a
+                new `"token_ids"`.
+
+        Returns:
+            [`MagePipelineOutput`] or `(images,)`.
+        """
+        # 1. Validate
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}.")
+        tensor_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_common_inputs(num_inference_steps, output_type, generator, num_images, guidance_scale, tensor_inputs)
+        self._interrupt = False
+
+        # 2. Prepare: every token masked
+        device = self._execution_device
+        labels = self.prepare_class_labels(class_labels, num_images, guidance_scale)
+        num_tokens = self.model.config.num_image_tokens
+        token_ids = torch.full((num_images, num_tokens), self.model.config.mask_token_id, dtype=torch.long, device=device)
+
+        # 3. Decoding loop
+        token_ids = self.denoise(
+            token_ids, num_inference_steps, choice_temperature, generator, labels, guidance_scale,
+            callback_on_step_end, tensor_inputs,
+        )
+
+        # 4. Decode and 5. postprocess
+        if output_type == "latent":
+            images = token_ids.view(num_images, self.grid_size, self.grid_size)
+        else:
+            images = self.postprocess(self.decode(token_ids), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return MagePipelineOutput(images=images)
+
+
+class MageInpaintPipeline(MageGenerationPipeline):
+    r"""
+    Inpainting, outpainting, uncropping and variations with MAGE.
+
+    The image is tokenized; every token whose 16x16 cell (one VQGAN cell) overlaps the mask is masked and generated
+    again, the others stay known, and the result is decoded. Same components as [`MageGenerationPipeline`].
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        mask_image=None,
+        strength: float | None = None,
+        num_inference_steps: int = 20,
+        choice_temperature: float | None = None,
+        generator: GeneratorArg = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        paste_back: bool = False,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("token_ids",),
+    ) -> MagePipelineOutput | tuple:
+        r"""
+        Inpaint `image` where `mask_image` is white, or make variations of it.
+
+        Args:
+            image (`PIL.Image.Image`, list, `np.ndarray` or `torch.Tensor`):
+                Square images (see [`prepare_image`]); they are resized to the model's resolution, and the output is at
+                that resolution.
+            mask_image (`PIL.Image.Image`, list, `np.ndarray` or `torch.Tensor`, *optional*):
+                The same size as `image`: white (>= 0.5) pixels are regenerated. Every token whose cell overlaps a
+                white pixel is generated; an empty mask is an error (use `strength` for variations).
+            strength (`float`, *optional*):
+                Instead of a mask: re-generate this fraction (in (0, 1]) of the tokens, chosen at random from
+                `generator`, to make a variation of the image.
+            paste_back (`bool`, *optional*, defaults to `False`):
+                Put the original pixels back outside the mask (the decoded known tokens are close to, but not
+                exactly, the input: the VQGAN is lossy). Ignored for variations and `output_type="latent"`.
+            Other arguments: as [`MageGenerationPipeline.__call__`].
+
+        Returns:
+            [`MagePipelineOutput`] (with `token_mask`, `True` where tokens were generated) or `(images, token_mask)`.
+        """
+        # 1. Validate
+        if (mask_image is None) == (strength is None):
+            raise ValueError("Pass a mask_image to inpaint, or a strength in (0, 1] for variations (not both).")
+        if strength is not None and not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}.")
+        pixels = prepare_image(image, self.resolution)  # (B, 3, S, S)
+        batch_size = pixels.shape[0]
+        tensor_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_common_inputs(num_inference_steps, output_type, generator, batch_size, guidance_scale, tensor_inputs)
+        pixel_mask = None
+        if mask_image is not None:
+            input_size = _input_size(image)
+            pixel_mask = prepare_mask(mask_image, batch_size, input_size)  # (B, 1, s, s) at the input's size
+            token_mask = token_mask_from_pixels(pixel_mask, self.grid_size)  # (B, h, w)
+            empty = [i for i in range(batch_size) if not bool(token_mask[i].any())]
+            if empty:
+                raise ValueError(
+                    f"mask_image is empty (no pixel >= 0.5) for image(s) {empty}: nothing to inpaint. Paint the area "
+                    "to regenerate white, or use strength= for a variation."
+                )
+            if input_size != self.resolution:
+                pixel_mask = (F.adaptive_max_pool2d(pixel_mask, self.resolution) > 0).float()
+        self._interrupt = False
+
+        # 2. Prepare: tokenize, then mask the tokens to generate
+        device = self._execution_device
+        labels = self.prepare_class_labels(class_labels, batch_size, guidance_scale)
+        known_ids = self.tokenize(pixels)  # (B, L)
+        if pixel_mask is not None:
+            token_ids = self.scheduler.add_noise(known_ids, token_mask=token_mask.flatten(1).to(device))
+        else:
+            token_ids = self.scheduler.add_noise(known_ids, mask_ratio=float(strength), generator=generator)
+        generated = (token_ids == self.model.config.mask_token_id).view(batch_size, self.grid_size, self.grid_size)
+
+        # 3. Decoding loop
+        token_ids = self.denoise(
+            token_ids, num_inference_steps, choice_temperature, generator, labels, guidance_scale,
+            callback_on_step_end, tensor_inputs,
+        )
+
+        # 4. Decode and 5. postprocess
+        if output_type == "latent":
+            images = token_ids.view(batch_size, self.grid_size, self.grid_size)
+        else:
+            decoded = self.decode(token_ids)
+            if paste_back and pixel_mask is not None:
+                decoded = torch.where(pixel_mask.to(decoded.device) > 0, decoded, pixels.to(decoded.device))
+            images = self.postprocess(decoded, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, generated)
+        return MagePipelineOutput(images=images, token_mask=generated)
+
+    @torch.no_grad()
+    def outpaint(
+        self,
+        image,
+        direction: str = "right",
+        amount: float = 0.25,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **kwargs,
+    ) -> MagePipelineOutput | tuple:
+        r"""
+        Outpainting presets. The image (square, resized to the model's resolution `S`) is extended:
+
+        * `"left"`, `"right"`, `"up"`, `"down"`: the canvas grows by `round(amount * S)` pixels on that side, so the
+          result is `S x (S + extra)` (or `(S + extra) x S`). The new strip is generated in an `S`-wide window at that
+          edge, with the nearest `S - extra` pixels of the image as context; the image's own pixels are kept
+          exactly.
+        * `"uncrop"`: the image is shrunk by `1 - amount` into the centre of an `S x S` canvas and the border is
+          generated; the shrunk image is kept exactly.
+
+        Other keyword arguments go to [`__call__`] (`num_inference_steps`, `generator`, ...). `output_type` is
+        `"pil"`, `"np"` or `"pt"`; `token_mask` in the output is the generated cells of the window.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"outpaint returns images: output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        if "mask_image" in kwargs or "strength" in kwargs or "paste_back" in kwargs:
+            raise ValueError("outpaint makes its own mask; call the pipeline directly for a custom mask_image.")
+        pixels = prepare_image(image, self.resolution).to(self._execution_device)  # (B, 3, S, S)
+        window, mask = make_outpaint_inputs(pixels, direction, amount)
+        result = self(window, mask_image=mask, paste_back=True, output_type="pt", **kwargs)
+        filled = result.images.to(pixels.device)  # (B, 3, S, S)
+        size = self.resolution
+        extra = int(round(amount * size))
+        if direction == "right":
+            canvas = torch.cat([pixels, filled[..., size - extra :]], dim=-1)  # (B, 3, S, S + extra)
+        elif direction == "left":
+            canvas = torch.cat([filled[..., :extra], pixels], dim=-1)
+        elif direction == "down":
+            canvas = torch.cat([pixels, filled[..., size - extra :, :]], dim=-2)  # (B, 3, S + extra, S)
+        elif direction == "up":
+            canvas = torch.cat([filled[..., :extra, :], pixels], dim=-2)
+        else:
+            canvas = filled  # the shrunk image was pasted back exactly by paste_back
+        images = self.postprocess(canvas, output_type)
+        if not return_dict:
+            return (images, result.token_mask)
+        return MagePipelineOutput(images=images, token_mask=result.token_mask)
+
+
+def _input_size(image) -> int:
+    """The side of the (square) input image before resizing."""
+    if isinstance(image, PIL.Image.Image):
+        return image.width
+    if isinstance(image, (list, tuple)):
+        return image[0].width
+    if isinstance(image, np.ndarray):
+        return image.shape[-2]
+    return image.shape[-1]
