@@ -1,0 +1,421 @@
+"""MageScheduler, MageGenerationPipeline and MageInpaintPipeline on a tiny model, and inpainting/outpainting on real
+photos (scikit-image's)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from mage_hf import (
+    MageForMaskedImageModeling,
+    MageGenerationPipeline,
+    MageInpaintPipeline,
+    MagePipelineOutput,
+    MageScheduler,
+)
+from mage_hf.pipeline_mage import make_outpaint_inputs, token_mask_from_pixels
+from mage_hf.scheduling_mage import MASKING_SCHEDULES
+
+from test_modeling import tiny_config
+from training_data import photo_images
+
+STEPS = 4
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MageForMaskedImageModeling(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    pipe = MageGenerationPipeline(model=model, scheduler=MageScheduler.from_model_config(model.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inpaint(model):
+    pipe = MageInpaintPipeline(model=model, scheduler=MageScheduler.from_model_config(model.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return photo_images(256)[:3]
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler
+
+
+@pytest.mark.parametrize("name", sorted(MASKING_SCHEDULES))
+def test_schedules_go_from_one_to_zero(name):
+    fn = MASKING_SCHEDULES[name]
+    values = [fn(r / 10) for r in range(11)]
+    assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "sqrt"])
+def test_scheduler_keeps_known_tokens_and_follows_schedule(name):
+    K, L, mask_id = 16, 64, 99
+    scheduler = MageScheduler(mask_token_id=mask_id, masking_schedule=name)
+    scheduler.set_timesteps(8)
+    g = torch.Generator().manual_seed(0)
+    known = torch.randint(0, K, (3, L), generator=g)
+    token_mask = torch.rand(3, L, generator=g) < 0.7
+    ids = scheduler.add_noise(known, token_mask=token_mask)
+    n0 = token_mask.sum(1)
+    for t in scheduler.timesteps:
+        logits = torch.randn(3, L, K, generator=g)
+        out = scheduler.step(logits, t, ids, generator=g)
+        still = out.prev_sample == mask_id
+        assert torch.equal(out.prev_sample[~token_mask], known[~token_mask])  # known tokens never change
+        if int(t) < 7:
+            unknown = (ids == mask_id).sum(1)
+            want = torch.clamp(torch.minimum(unknown - 1, torch.floor(n0 * scheduler.masked_fraction(t)).long()), min=1)
+            assert torch.equal(still.sum(1), want)
+        ids = out.prev_sample
+    assert not bool((ids == mask_id).any()) and bool((ids < K).all())
+
+
+def test_scheduler_mask_len_rules_differ_only_for_different_masks():
+    K, L, mask_id = 8, 32, 50
+    logits = torch.randn(2, L, K, generator=torch.Generator().manual_seed(1))
+    ids = torch.full((2, L), mask_id)
+    ids[1, :20] = 3  # the second image has fewer unknown tokens
+    counts = {}
+    for rule in ("first", "per_sample"):
+        scheduler = MageScheduler(mask_token_id=mask_id, mask_len_rule=rule)
+        scheduler.set_timesteps(4)
+        out = scheduler.step(logits, 0, ids, generator=torch.Generator().manual_seed(0))
+        counts[rule] = (out.prev_sample == mask_id).sum(1).tolist()
+    # N0 = 32 and 12; floor(N0 * cos(pi/8)) = 29 and 11 (clamped to unknown-1 = 31 and 11).
+    assert counts["per_sample"] == [29, 11]
+    # The original's rule applies row 0's 29 to every row: the second image (12 unknown) re-masks all of its new
+    # tokens and makes no progress this step. Known tokens are never re-masked.
+    assert counts["first"] == [29, 12]
+    same = ids.clone()
+    same[1] = mask_id
+    for rule in ("first", "per_sample"):
+        scheduler = MageScheduler(mask_token_id=mask_id, mask_len_rule=rule)
+        scheduler.set_timesteps(4)
+        out = scheduler.step(logits, 0, same, generator=torch.Generator().manual_seed(0))
+        counts[rule] = (out.prev_sample == mask_id).sum(1).tolist()
+    assert counts["first"] == counts["per_sample"] == [29, 29]
+
+
+def test_scheduler_row_without_unknowns_is_left_alone():
+    scheduler = MageScheduler(mask_token_id=9)
+    scheduler.set_timesteps(3)
+    ids = torch.tensor([[1, 2, 3, 4], [9, 9, 9, 9]])
+    out = scheduler.step(torch.randn(2, 4, 5), 0, ids, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.prev_sample[0], ids[0])
+
+
+def test_scheduler_add_noise_ratio_and_errors():
+    scheduler = MageScheduler(mask_token_id=7)
+    ids = torch.zeros(4, 100, dtype=torch.long)
+    noisy = scheduler.add_noise(ids, mask_ratio=0.3, generator=torch.Generator().manual_seed(0))
+    assert (noisy == 7).sum(1).tolist() == [30] * 4
+    again = scheduler.add_noise(ids, mask_ratio=0.3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noisy, again)
+    with pytest.raises(ValueError, match="exactly one"):
+        scheduler.add_noise(ids)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        scheduler.add_noise(ids, mask_ratio=1.5)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        MageScheduler(mask_token_id=7).step(torch.randn(1, 4, 3), 0, torch.zeros(1, 4, dtype=torch.long))
+    scheduler.set_timesteps(3)
+    with pytest.raises(ValueError, match="timestep"):
+        scheduler.step(torch.randn(1, 4, 3), 5, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="masking_schedule"):
+        MageScheduler(mask_token_id=7, masking_schedule="exp")
+
+
+def test_scheduler_config_round_trip(tmp_path):
+    scheduler = MageScheduler(mask_token_id=1064, masking_schedule="linear", choice_temperature=6.0)
+    scheduler.save_pretrained(tmp_path)
+    loaded = MageScheduler.from_pretrained(tmp_path)
+    assert loaded.config.masking_schedule == "linear" and loaded.config.choice_temperature == 6.0
+    assert loaded.config.mask_token_id == 1064
+
+
+def test_sampling_temperature_sharpens_draws():
+    """The token draw follows softmax(logits / temperature): the empirical rate of drawing the most likely token
+    matches its expected probability at both temperatures, and a low temperature raises it."""
+    n = 4000
+    logits = torch.randn(1, n, 4, generator=torch.Generator().manual_seed(3))
+    hits = {}
+    for temperature in (1.0, 0.05):
+        scheduler = MageScheduler(mask_token_id=9, temperature=temperature)
+        scheduler.set_timesteps(1)
+        out = scheduler.step(logits, 0, torch.full((1, n), 9), generator=torch.Generator().manual_seed(0))
+        hit = (out.prev_sample == logits.argmax(-1)).float().mean().item()
+        expected = torch.softmax(logits / temperature, -1).max(-1).values.mean().item()
+        assert abs(hit - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-3, (temperature, hit, expected)
+        hits[temperature] = hit
+    assert hits[0.05] > hits[1.0] + 0.2
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def test_generation_is_seeded_and_batch_independent(pipe):
+    batch = pipe(num_images=4, num_inference_steps=STEPS, generator=gens(10, 11, 12, 13), output_type="latent").images
+    assert batch.shape == (4, 16, 16)
+    for i, seed in enumerate((10, 11, 12, 13)):
+        single = pipe(num_images=1, num_inference_steps=STEPS, generator=gens(seed), output_type="latent").images
+        assert torch.equal(single[0], batch[i])
+    a = pipe(num_images=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    b = pipe(num_images=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    c = pipe(num_images=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(6), output_type="pt").images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_output_types(pipe):
+    kwargs = dict(num_images=2, num_inference_steps=STEPS)
+    pil = pipe(**kwargs, generator=gens(1, 2)).images
+    arr = pipe(**kwargs, generator=gens(1, 2), output_type="np").images
+    pt = pipe(**kwargs, generator=gens(1, 2), output_type="pt").images
+    ids = pipe(**kwargs, generator=gens(1, 2), output_type="latent").images
+    assert len(pil) == 2 and all(isinstance(im, PIL.Image.Image) and im.size == (256, 256) for im in pil)
+    assert arr.shape == (2, 256, 256, 3) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 1
+    assert pt.shape == (2, 3, 256, 256) and torch.allclose(pt.permute(0, 2, 3, 1), torch.from_numpy(arr))
+    assert np.array_equal(np.asarray(pil[0]), (arr[0] * 255).round().astype(np.uint8))
+    assert ids.dtype == torch.long and ids.shape == (2, 16, 16)
+    assert torch.allclose(pipe.decode(ids.flatten(1)), pt)
+    tup = pipe(**kwargs, generator=gens(1, 2), output_type="latent", return_dict=False)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], ids)
+
+
+def test_callback_sees_every_step_and_can_edit(pipe):
+    calls = []
+
+    def callback(pipeline, step, timestep, tensors):
+        calls.append((step, int(timestep), int((tensors["token_ids"] == pipeline.model.config.mask_token_id).sum())))
+        if step == 0:
+            return {"token_ids": torch.zeros_like(tensors["token_ids"])}  # fix every token to id 0
+        return {}
+
+    ids = pipe(num_images=1, num_inference_steps=STEPS, generator=gens(0), output_type="latent", callback_on_step_end=callback).images
+    assert [c[:2] for c in calls] == [(i, i) for i in range(STEPS)]
+    assert calls[0][2] > 0 and calls[1][2] == 0
+    assert bool((ids == 0).all())
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(num_images=1, num_inference_steps=STEPS, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_progress_bar_reports_steps(model, capsys):
+    pipe = MageGenerationPipeline(model=model, scheduler=MageScheduler.from_model_config(model.config))
+    pipe.set_progress_bar_config(disable=False)
+    pipe(num_images=1, num_inference_steps=3, generator=gens(0), output_type="latent")
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="num_images"):
+        pipe(num_images=0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe(num_inference_steps=0)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(num_inference_steps=1, output_type="jpeg")
+    with pytest.raises(ValueError, match="generators"):
+        pipe(num_images=3, num_inference_steps=1, generator=gens(1, 2))
+    with pytest.raises(ValueError, match="class-unconditional"):
+        pipe(num_inference_steps=1, class_labels=3)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe(num_inference_steps=1, guidance_scale=0.5)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        MageGenerationPipeline(model=pipe.model, scheduler=MageScheduler(mask_token_id=3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_generation_upcasts_the_vq_decode(model, dtype):
+    half = MageForMaskedImageModeling(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(dtype)
+    pipe = MageGenerationPipeline(model=half, scheduler=MageScheduler.from_model_config(half.config))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(num_images=1, num_inference_steps=2, generator=gens(0), output_type="pt").images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert half.mage.vq_model.dtype == dtype  # put back after the float32 decode
+    # The decode ran in float32: it equals a float32 copy of the (rounded) VQ weights decoding the same ids.
+    ids = pipe(num_images=1, num_inference_steps=2, generator=gens(0), output_type="latent").images
+    vq32 = copy.deepcopy(half.mage.vq_model).float()
+    with torch.no_grad():
+        expected = vq32.decode(ids).float().clamp(0, 1)
+    assert torch.equal(images, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+
+def test_save_and_load_local_folder(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["model"] == ["mage_hf.modeling_mage", "MageForMaskedImageModeling"]
+    assert index["scheduler"] == ["mage_hf.scheduling_mage", "MageScheduler"]
+    # The tokenizer's weights are stored once, inside the model.
+    weights = list((tmp_path / "pipe").rglob("*.safetensors"))
+    assert [w.relative_to(tmp_path / "pipe").as_posix() for w in weights] == ["model/model.safetensors"]
+    loaded = MageGenerationPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(num_images=2, num_inference_steps=STEPS, output_type="pt")
+    assert torch.equal(loaded(**kwargs, generator=gens(4, 5)).images, pipe(**kwargs, generator=gens(4, 5)).images)
+    # The inpainting pipeline loads the same folder.
+    assert isinstance(MageInpaintPipeline.from_pretrained(tmp_path / "pipe"), MageInpaintPipeline)
+
+
+def test_load_bare_model_folder(pipe, tmp_path):
+    pipe.model.save_pretrained(tmp_path / "model")
+    loaded = MageGenerationPipeline.from_pretrained(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.mask_token_id == pipe.model.config.mask_token_id
+    kwargs = dict(num_images=1, num_inference_steps=STEPS, output_type="latent")
+    assert torch.equal(loaded(**kwargs, generator=gens(9)).images, pipe(**kwargs, generator=gens(9)).images)
+    with pytest.raises(ValueError, match="neither a pipeline"):
+        MageGenerationPipeline.from_pretrained(tmp_path)
+
+
+def test_load_by_repo_id_from_a_snapshot(pipe, tmp_path, monkeypatch):
+    """A repo id resolves to a snapshot first (huggingface_hub.snapshot_download), then loads from that folder.
+    diffusers' own repo-id path (DiffusionPipeline.download) refuses components from outside diffusers/transformers
+    online; it is made to fail here to prove it is never taken."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--mage-hf--tiny-test" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    pipe.save_pretrained(snapshot)
+    (cache / "models--mage-hf--tiny-test" / "refs").mkdir(parents=True)
+    (cache / "models--mage-hf--tiny-test" / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(
+        DiffusionPipeline, "download", classmethod(lambda *a, **k: pytest.fail("diffusers' repo-id download was used"))
+    )
+    loaded = MageGenerationPipeline.from_pretrained("mage-hf/tiny-test", cache_dir=str(cache))
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(num_images=1, num_inference_steps=STEPS, output_type="pt")
+    assert torch.equal(loaded(**kwargs, generator=gens(3)).images, pipe(**kwargs, generator=gens(3)).images)
+    # A repo that is not in the cache fails with huggingface_hub's clear offline error.
+    with pytest.raises(Exception, match="(?i)offline|cannot find|local"):
+        MageGenerationPipeline.from_pretrained("mage-hf/not-there", cache_dir=str(cache))
+
+
+# ---------------------------------------------------------------------------------------------------- inpainting
+
+
+def test_token_mask_covers_every_overlapped_cell():
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[0, 0, 0, 0] = 1  # one pixel: one cell
+    mask[0, 0, 100:120, 40:50] = 1  # crosses cell boundaries: rows 6-7, columns 2-3
+    cells = token_mask_from_pixels(mask, 16)[0]
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[0, 0] = True
+    expected[6:8, 2:4] = True
+    assert torch.equal(cells, expected)
+
+
+def test_inpainting_keeps_every_unmasked_token(inpaint, photos):
+    mask = PIL.Image.new("L", (256, 256), 0)
+    mask.paste(255, (64, 96, 160, 200))  # x0, y0, x1, y1
+    known = inpaint.tokenize(torch.from_numpy(np.stack([np.asarray(p) for p in photos[:2]])).permute(0, 3, 1, 2) / 255.0)
+    out = inpaint(photos[:2], mask_image=mask, num_inference_steps=STEPS, generator=gens(0, 1), output_type="latent")
+    token_mask = out.token_mask.flatten(1)
+    assert int(token_mask[0].sum()) == 6 * 7  # columns 4..9, rows 6..12
+    assert torch.equal(out.images.flatten(1)[~token_mask], known[~token_mask])
+    assert not torch.equal(out.images.flatten(1)[token_mask], known[token_mask])  # the hole was regenerated
+
+
+def test_paste_back_restores_unmasked_pixels(inpaint, photos):
+    mask = np.zeros((256, 256), dtype=np.uint8)
+    mask[30:90, 150:230] = 255
+    original = np.asarray(photos[0]).astype(np.float32) / 255.0
+    out = inpaint(photos[0], mask_image=mask, paste_back=True, num_inference_steps=STEPS, generator=gens(0), output_type="np")
+    keep = mask == 0
+    assert np.abs(out.images[0][keep] - original[keep]).max() < 1e-6
+    plain = inpaint(photos[0], mask_image=mask, num_inference_steps=STEPS, generator=gens(0), output_type="np")
+    assert np.abs(plain.images[0][keep] - original[keep]).max() > 1e-3  # without it, the VQGAN's reconstruction
+    assert np.array_equal(plain.images[0][~keep], out.images[0][~keep])
+
+
+def test_mask_formats_and_resizing(inpaint, photos):
+    small = photos[0].resize((128, 128))
+    mask = PIL.Image.new("1", (128, 128), 0)
+    mask.paste(1, (0, 0, 8, 8))  # the top-left 8x8 pixels of a 128 image = one 16x16 cell at 256
+    out = inpaint(small, mask_image=mask, num_inference_steps=1, generator=gens(0), output_type="latent")
+    assert int(out.token_mask.sum()) == 1 and bool(out.token_mask[0, 0, 0])
+    rgb_mask = mask.convert("RGB")
+    out2 = inpaint(small, mask_image=rgb_mask, num_inference_steps=1, generator=gens(0), output_type="latent")
+    assert torch.equal(out.images, out2.images)
+    tensor_mask = torch.zeros(128, 128, dtype=torch.bool)
+    tensor_mask[:8, :8] = True
+    out3 = inpaint(small, mask_image=tensor_mask, num_inference_steps=1, generator=gens(0), output_type="latent")
+    assert torch.equal(out.images, out3.images)
+
+
+def test_inpainting_errors(inpaint, photos):
+    full = PIL.Image.new("L", (256, 256), 255)
+    with pytest.raises(ValueError, match="empty"):
+        inpaint(photos[0], mask_image=PIL.Image.new("L", (256, 256), 0))
+    with pytest.raises(ValueError, match="size of the image"):
+        inpaint(photos[0], mask_image=PIL.Image.new("L", (128, 128), 255))
+    with pytest.raises(ValueError, match="square"):
+        inpaint(photos[0].crop((0, 0, 256, 200)), mask_image=PIL.Image.new("L", (256, 200), 255))
+    with pytest.raises(ValueError, match="mask_image to inpaint"):
+        inpaint(photos[0])
+    with pytest.raises(ValueError, match="mask_image to inpaint"):
+        inpaint(photos[0], mask_image=full, strength=0.5)
+    with pytest.raises(ValueError, match="masks for"):
+        inpaint(photos[:2], mask_image=torch.ones(3, 256, 256))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        inpaint(photos[0], mask_image=torch.full((256, 256), 3.0))
+    with pytest.raises(ValueError, match="strength"):
+        inpaint(photos[0], strength=1.5)
+
+
+def test_variations_remask_a_fraction(inpaint, photos):
+    out = inpaint(photos[0], strength=0.25, num_inference_steps=STEPS, generator=gens(0), output_type="latent")
+    assert int(out.token_mask.sum()) == math.ceil(0.25 * 256)
+    known = inpaint.tokenize(torch.from_numpy(np.array(photos[0])).permute(2, 0, 1)[None] / 255.0)
+    unchanged = out.images.flatten(1) == known
+    assert bool(unchanged[~out.token_mask.flatten(1)].all())
+
+
+@pytest.mark.parametrize("direction,shape", [("right", (256, 320)), ("left", (256, 320)), ("down", (320, 256)), ("up", (320, 256))])
+def test_outpainting_grows_the_canvas_and_keeps_the_image(inpaint, photos, direction, shape):
+    out = inpaint.outpaint(photos[1], direction=direction, amount=0.25, num_inference_steps=STEPS, generator=gens(0), output_type="np")
+    canvas = out.images[0]
+    assert canvas.shape[:2] == shape
+    original = np.asarray(photos[1]).astype(np.float32) / 255.0
+    region = {
+        "right": canvas[:, :256], "left": canvas[:, 64:], "down": canvas[:256], "up": canvas[64:],
+    }[direction]
+    assert np.abs(region - original).max() < 1e-6
+    assert int(out.token_mask.sum()) == 16 * 4  # 64 new pixels = 4 token columns (or rows)
+
+
+def test_uncrop_keeps_the_shrunk_image(inpaint, photos):
+    pixels = torch.from_numpy(np.asarray(photos[2]).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    window, mask = make_outpaint_inputs(pixels, "uncrop", 0.25)
+    out = inpaint.outpaint(photos[2], direction="uncrop", amount=0.25, num_inference_steps=STEPS, generator=gens(0), output_type="pt")
+    assert out.images.shape == (1, 3, 256, 256)
+    keep = mask[0, 0] == 0
+    assert int(keep.sum()) == 192 * 192
+    assert (out.images[0][:, keep] - window[0][:, keep]).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="direction"):
+        inpaint.outpaint(photos[2], direction="sideways")
+    with pytest.raises(ValueError, match="amount"):
+        inpaint.outpaint(photos[2], direction="left", amount=1.0)
