@@ -55,3 +55,60 @@ def test_demo_writes_its_outputs(converted, tmp_path, capsys):
     picture = Image.open(tmp_path / "reconstructions.png")
     assert picture.size == (4 * 256, 3 * 256)
     assert load_file(str(tmp_path / "features.safetensors"))["pooler_output"].shape == (4, 64)
+
+
+# ------------------------------------------------------------------------------------------ generate / inpaint / outpaint
+
+
+def _pngs(folder):
+    import numpy as np
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_generate_command_is_seeded_per_image(converted, tmp_path, capsys):
+    import numpy as np
+
+    common = ["generate", "--model", str(converted["pretrain"]), "--num-images", "3", "--steps", "2"]
+    assert main([*common, "--batch-size", "3", "--output", str(tmp_path / "a")]) == 0
+    assert main([*common, "--batch-size", "1", "--output", str(tmp_path / "b")]) == 0
+    assert "3 images and grid.png" in capsys.readouterr().out
+    a, b = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    assert sorted(a) == ["grid.png", "sample_0000.png", "sample_0001.png", "sample_0002.png"]
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # the batch size does not change image n
+    assert a["grid.png"].shape == (256, 3 * 256, 3)
+    assert not np.array_equal(a["sample_0000.png"], a["sample_0001.png"])
+
+
+def test_inpaint_and_outpaint_commands(converted, photos, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    model = str(converted["pretrain"])
+    out = tmp_path / "inpaint"
+    # chelsea is 451x300: centre-cropped to 300x300, then the box is regenerated.
+    assert main(["inpaint", "--model", model, "--image", str(photos[0]), "--box", "0,0,150,150", "--num-images", "2",
+                 "--steps", "2", "--paste-back", "--output", str(out)]) == 0
+    files = _pngs(out)
+    assert sorted(files) == ["grid.png", "inpaint_0000.png", "inpaint_0001.png"]
+    original = np.asarray(Image.open(photos[0]).convert("RGB").crop((75, 0, 375, 300)).resize((256, 256), Image.BICUBIC))
+    # Outside the box (mapped to 256 px: 0..128), the pasted-back pixels are the (resized) input's.
+    assert np.abs(files["inpaint_0000.png"][140:, 140:].astype(int) - original[140:, 140:].astype(int)).max() <= 2
+    assert files["grid.png"].shape == (256, 4 * 256, 3)  # input, token overlay, two results
+
+    out = tmp_path / "outpaint"
+    assert main(["outpaint", "--model", model, "--image", str(photos[1]), "--direction", "left", "--amount", "0.5",
+                 "--num-images", "1", "--steps", "2", "--output", str(out)]) == 0
+    assert _pngs(out)["outpaint_left_0000.png"].shape == (256, 384, 3)
+
+
+def test_inpaint_command_errors(converted, photos, tmp_path, capsys):
+    model = str(converted["pretrain"])
+    assert main(["inpaint", "--model", model, "--image", str(photos[0]), "--output", str(tmp_path)]) == 2
+    assert "--mask" in capsys.readouterr().err
+    assert main(["inpaint", "--model", model, "--image", str(photos[0]), "--box", "1,2,3", "--output", str(tmp_path)]) == 2
+    assert "x0,y0,x1,y1" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert "neither a pipeline" in capsys.readouterr().err
+    assert main(["generate", "--model", model, "--num-images", "0"]) == 2

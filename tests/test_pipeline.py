@@ -178,9 +178,12 @@ def test_sampling_temperature_sharpens_draws():
 def test_generation_is_seeded_and_batch_independent(pipe):
     batch = pipe(num_images=4, num_inference_steps=STEPS, generator=gens(10, 11, 12, 13), output_type="latent").images
     assert batch.shape == (4, 16, 16)
+    images = pipe(num_images=4, num_inference_steps=STEPS, generator=gens(10, 11, 12, 13), output_type="pt").images
     for i, seed in enumerate((10, 11, 12, 13)):
         single = pipe(num_images=1, num_inference_steps=STEPS, generator=gens(seed), output_type="latent").images
         assert torch.equal(single[0], batch[i])
+        single = pipe(num_images=1, num_inference_steps=STEPS, generator=gens(seed), output_type="pt").images
+        assert torch.equal(single[0], images[i])  # pixels too, not only the ids
     a = pipe(num_images=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt").images
     b = pipe(num_images=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt").images
     c = pipe(num_images=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(6), output_type="pt").images

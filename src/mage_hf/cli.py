@@ -1,9 +1,10 @@
 # Copyright 2026 The mage-hf authors. MIT licence.
-"""The `mage-hf` command line: `mage-hf convert ...`, `mage-hf features ...`."""
+"""The `mage-hf` command line: `convert`, `features`, `generate`, `inpaint` and `outpaint`."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -63,6 +64,167 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- generation commands
+
+
+def _load_pipeline(args: argparse.Namespace, cls):
+    import torch
+
+    if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
+        raise ValueError("--num-images, --batch-size and --steps must be positive.")
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and dtype != torch.float32:
+        print(f"note: {args.dtype} on the CPU is slow (often emulated); float32 is the CPU default.", file=sys.stderr)
+    pipe = cls.from_pretrained(args.model, torch_dtype=dtype)
+    return pipe.to(device)
+
+
+def _seeded(seed: int, count: int, start: int = 0):
+    """One generator per image, seeded `seed + index`: image n is the same whatever the batch size."""
+    import torch
+
+    return [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+
+
+def _write_images(images, output: Path, prefix: str, grid_rows: int | None = None, extra=()) -> None:
+    from diffusers.utils import make_image_grid
+
+    output.mkdir(parents=True, exist_ok=True)
+    for n, image in enumerate(images):
+        image.save(output / f"{prefix}{n:04d}.png")
+    tiles = [*extra, *images]
+    size = tiles[-1].size
+    tiles = [t.resize(size) if t.size != size else t for t in tiles]
+    cols = min(len(tiles), 8) if grid_rows is None else math.ceil(len(tiles) / grid_rows)
+    rows = math.ceil(len(tiles) / cols)
+    tiles += [tiles[-1].copy().point(lambda _: 255)] * (rows * cols - len(tiles))  # white padding tiles
+    make_image_grid(tiles, rows=rows, cols=cols).save(output / "grid.png")
+    print(f"Wrote {len(images)} images and grid.png to {output}.")
+
+
+def _open_square(path: str, what: str):
+    """Open an image file; non-square images are centre-cropped to a square (the model works on squares)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot read {path} as an image ({what}): {err}") from None
+    side = min(image.size)
+    if image.width != image.height:
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        print(f"note: {path} is {image.width}x{image.height}; using its centre {side}x{side} square.", file=sys.stderr)
+        image = image.crop((left, top, left + side, top + side))
+    return image
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .pipeline_mage import MageGenerationPipeline
+
+    pipe = _load_pipeline(args, MageGenerationPipeline)
+    images = []
+    for start in range(0, args.num_images, args.batch_size):
+        count = min(args.batch_size, args.num_images - start)
+        images += pipe(
+            num_images=count,
+            num_inference_steps=args.steps,
+            choice_temperature=args.choice_temperature,
+            generator=_seeded(args.seed, count, start),
+            class_labels=args.class_label,
+            guidance_scale=args.guidance_scale,
+        ).images
+    _write_images(images, Path(args.output), "sample_")
+    return 0
+
+
+def _token_overlay(image, token_mask):
+    """The input with the generated token cells tinted red: what the model was asked to fill."""
+    import numpy as np
+    from PIL import Image
+
+    cells = token_mask.cpu().numpy().astype(np.uint8)  # (h, w)
+    scale = image.width // cells.shape[1]
+    mask = np.kron(cells, np.ones((scale, scale), dtype=np.uint8))[..., None]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tinted = base * (1 - 0.5 * mask) + np.array([255.0, 0, 0]) * 0.5 * mask
+    return Image.fromarray(tinted.clip(0, 255).astype(np.uint8))
+
+
+def _inpaint(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .pipeline_mage import MageInpaintPipeline
+
+    pipe = _load_pipeline(args, MageInpaintPipeline)
+    image = _open_square(args.image, "--image").convert("RGB")
+    if args.mask is not None and args.box is not None:
+        raise ValueError("Pass --mask or --box, not both.")
+    mask = None
+    if args.mask is not None:
+        mask = _open_square(args.mask, "--mask")
+        if mask.size != image.size:
+            raise ValueError(f"--mask is {mask.width}x{mask.height} but --image is {image.width}x{image.height}.")
+    elif args.box is not None:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
+        except ValueError:
+            raise ValueError(f"--box must be x0,y0,x1,y1 in pixels of the (square) image, got {args.box!r}.") from None
+        mask = Image.new("L", image.size, 0)
+        mask.paste(255, (x0, y0, x1, y1))
+    elif args.strength is None:
+        raise ValueError("Pass --mask (white = regenerate), --box x0,y0,x1,y1, or --strength for variations.")
+    results, overlay = [], None
+    for start in range(0, args.num_images, args.batch_size):
+        count = min(args.batch_size, args.num_images - start)
+        out = pipe(
+            [image] * count,
+            mask_image=mask,
+            strength=args.strength,
+            num_inference_steps=args.steps,
+            choice_temperature=args.choice_temperature,
+            generator=_seeded(args.seed, count, start),
+            paste_back=args.paste_back,
+        )
+        results += out.images
+        overlay = _token_overlay(image.resize(results[0].size), out.token_mask[0])
+    _write_images(results, Path(args.output), "inpaint_", extra=(image.resize(results[0].size), overlay))
+    return 0
+
+
+def _outpaint(args: argparse.Namespace) -> int:
+    from .pipeline_mage import MageInpaintPipeline
+
+    pipe = _load_pipeline(args, MageInpaintPipeline)
+    image = _open_square(args.image, "--image").convert("RGB")
+    results = []
+    for start in range(0, args.num_images, args.batch_size):
+        count = min(args.batch_size, args.num_images - start)
+        results += pipe.outpaint(
+            [image] * count,
+            direction=args.direction,
+            amount=args.amount,
+            num_inference_steps=args.steps,
+            choice_temperature=args.choice_temperature,
+            generator=_seeded(args.seed, count, start),
+        ).images
+    _write_images(results, Path(args.output), f"outpaint_{args.direction}_")
+    return 0
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, num_images: int) -> None:
+    parser.add_argument("--model", required=True, help="a pipeline or MAGE model folder, or a Hub repo id")
+    parser.add_argument("--output", default="outputs", help="folder for the PNGs and grid.png")
+    parser.add_argument("--num-images", type=int, default=num_images, help="how many images to make")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--steps", type=int, default=20, help="decoding steps")
+    parser.add_argument("--choice-temperature", type=float, help="re-masking noise (default: the scheduler's, 4.5)")
+    parser.add_argument("--seed", type=int, default=0, help="image n uses seed + n")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mage-hf", description="MAGE in the Hugging Face ecosystem.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +243,28 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("images", nargs="+", help="image files")
     features.add_argument("--output", help="write the features to this .safetensors file")
     features.set_defaults(func=_features)
+
+    generate = commands.add_parser("generate", help="generate images")
+    _add_sampling_arguments(generate, num_images=8)
+    generate.add_argument("--class-label", type=int, help="class id, for class-conditional models")
+    generate.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    generate.set_defaults(func=_generate)
+
+    inpaint = commands.add_parser("inpaint", help="regenerate the masked part of an image (or make variations)")
+    _add_sampling_arguments(inpaint, num_images=4)
+    inpaint.add_argument("--image", required=True, help="the image (non-square images are centre-cropped)")
+    inpaint.add_argument("--mask", help="mask image of the same size: white = regenerate")
+    inpaint.add_argument("--box", help="or a rectangle to regenerate: x0,y0,x1,y1 in pixels")
+    inpaint.add_argument("--strength", type=float, help="or, without a mask: fraction of tokens to regenerate")
+    inpaint.add_argument("--paste-back", action="store_true", help="keep the original pixels outside the mask")
+    inpaint.set_defaults(func=_inpaint)
+
+    outpaint = commands.add_parser("outpaint", help="extend an image beyond its borders")
+    _add_sampling_arguments(outpaint, num_images=4)
+    outpaint.add_argument("--image", required=True, help="the image (non-square images are centre-cropped)")
+    outpaint.add_argument("--direction", choices=["left", "right", "up", "down", "uncrop"], default="right")
+    outpaint.add_argument("--amount", type=float, default=0.25, help="fraction of the image size to add (0-1)")
+    outpaint.set_defaults(func=_outpaint)
     return parser
 
 
@@ -90,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, TypeError) as err:
+    except (CheckpointError, ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

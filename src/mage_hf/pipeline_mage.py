@@ -369,17 +369,23 @@ class MageGenerationPipeline(DiffusionPipeline):
             if dtype != torch.float32:
                 vq_model.to(dtype)
 
+    # The VQGAN runs one image at a time: convolution kernels pick different algorithms for different batch sizes
+    # (on the CPU the decode of the same ids differs by ~1e-5 between batch 1 and 3), and an image must not depend
+    # on the batch it was made in. The FLOPs are the same; the transformer steps, which dominate, stay batched.
+
     def tokenize(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """Images `(B, 3, S, S)` in [0, 1] -> codebook ids `(B, L)`."""
+        pixel_values = pixel_values.to(self._execution_device, torch.float32)
         with self._tokenizer_in_float32() as vq_model:
-            return vq_model.encode(pixel_values.to(self._execution_device, torch.float32)).token_ids.flatten(1)
+            ids = [vq_model.encode(pixel_values[i : i + 1]).token_ids for i in range(pixel_values.shape[0])]
+        return torch.cat(ids).flatten(1)  # (B, L)
 
     def decode(self, token_ids: torch.LongTensor) -> torch.Tensor:
         """Codebook ids `(B, L)` -> images `(B, 3, S, S)` in [0, 1], float32."""
-        grid = self.grid_size
+        grid = token_ids.view(-1, self.grid_size, self.grid_size)  # (B, h, w)
         with self._tokenizer_in_float32() as vq_model:
-            images = vq_model.decode(token_ids.view(-1, grid, grid))  # (B, 3, S, S)
-        return _to_float_images(images)
+            images = [vq_model.decode(grid[i : i + 1]) for i in range(grid.shape[0])]
+        return _to_float_images(torch.cat(images))  # (B, 3, S, S)
 
     def postprocess(self, images: torch.Tensor, output_type: str):
         """`(B, 3, H, W)` float in [0, 1] -> the requested output type."""
