@@ -47,7 +47,7 @@ def run(block: str, workdir: Path, monkeypatch) -> dict:
 
 def test_the_readme_has_the_snippets_this_file_checks():
     blocks = python_blocks()
-    assert len(blocks) == 5
+    assert len(blocks) == 7
     assert sum("AutoModel.from_pretrained(\"mage-vitb-hf\"" in b for b in blocks) == 2
 
 
@@ -83,3 +83,18 @@ def test_attention_snippet(workdir, monkeypatch):
     block = next(b for b in python_blocks() if "attn_implementation" in b)
     ns = run("import mage_hf\nfrom transformers import AutoModel\n" + block, workdir, monkeypatch)
     assert ns["model"].config._attn_implementation == "eager"
+
+
+def test_generation_snippet(workdir, monkeypatch):
+    ns = run(next(b for b in python_blocks() if "MageGenerationPipeline.from_pretrained" in b), workdir, monkeypatch)
+    assert len(ns["images"]) == 4 and ns["images"][0].size == (256, 256)
+    assert (workdir / "sample.png").is_file() and (workdir / "mage-vitb-pipeline" / "model_index.json").is_file()
+
+
+def test_inpainting_snippet(workdir, monkeypatch):
+    ns = run(next(b for b in python_blocks() if "MageInpaintPipeline.from_pretrained" in b), workdir, monkeypatch)
+    # The box 100..220 x 40..160 of a 300 px image covers cells 5..11 x 2..8 at 256 px (16 px cells).
+    assert int(ns["out"].token_mask.sum()) == 7 * 7
+    assert ns["wider"].images[0].size == (384, 256)
+    assert ns["variation"].size == (256, 256)
+    assert (workdir / "inpainted.png").is_file()

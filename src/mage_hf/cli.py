@@ -76,7 +76,7 @@ def _load_pipeline(args: argparse.Namespace, cls):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and dtype != torch.float32:
         print(f"note: {args.dtype} on the CPU is slow (often emulated); float32 is the CPU default.", file=sys.stderr)
-    pipe = cls.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = cls.from_pretrained(args.model, dtype=dtype)
     return pipe.to(device)
 
 
