@@ -422,3 +422,48 @@ def test_uncrop_keeps_the_shrunk_image(inpaint, photos):
         inpaint.outpaint(photos[2], direction="sideways")
     with pytest.raises(ValueError, match="amount"):
         inpaint.outpaint(photos[2], direction="left", amount=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- class-conditional
+
+
+@pytest.fixture(scope="module")
+def conditional_pipe():
+    torch.manual_seed(1)
+    model = MageForMaskedImageModeling(tiny_config(num_classes=10)).eval()
+    pipe = MageGenerationPipeline(model=model, scheduler=MageScheduler.from_model_config(model.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_class_labels_condition_generation(conditional_pipe):
+    pipe = conditional_pipe
+    kwargs = dict(num_images=2, num_inference_steps=STEPS, output_type="latent")
+    a = pipe(**kwargs, generator=gens(0, 1), class_labels=[3, 3]).images
+    b = pipe(**kwargs, generator=gens(0, 1), class_labels=3).images  # one label for the batch
+    c = pipe(**kwargs, generator=gens(0, 1), class_labels=[7, 7]).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="class_labels"):
+        pipe(**kwargs, class_labels=[10, 0])
+    with pytest.raises(ValueError, match="class labels for"):
+        pipe(**kwargs, class_labels=[1, 2, 3])
+    with pytest.raises(ValueError, match="needs class_labels"):
+        pipe(**kwargs, guidance_scale=3.0)
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional_logits(conditional_pipe):
+    pipe = conditional_pipe
+    ids = torch.full((2, 256), pipe.model.config.mask_token_id)
+    ids[:, :100] = 5
+    labels = torch.tensor([2, 8])
+    with torch.no_grad():
+        cond = pipe.model(input_ids=ids, class_labels=labels).logits
+        uncond = pipe.model(input_ids=ids, class_labels=torch.tensor([-1, -1])).logits
+        plain = pipe.model(input_ids=ids).logits
+        guided = pipe.predict_logits(ids, labels, guidance_scale=3.0)
+        unguided = pipe.predict_logits(ids, labels, guidance_scale=1.0)
+    assert torch.allclose(uncond, plain, atol=1e-6)  # label -1 is the fake label of unconditional models
+    assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
+    assert torch.allclose(unguided, cond, atol=1e-6)
+    out = pipe(num_images=2, num_inference_steps=STEPS, generator=gens(0, 1), class_labels=[2, 8], guidance_scale=3.0, output_type="pt")
+    assert out.images.shape == (2, 3, 256, 256) and torch.isfinite(out.images).all()
