@@ -4,7 +4,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from transformers import PreTrainedConfig
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MageConfig", "MageVQConfig"]
 
@@ -149,6 +154,15 @@ class MageConfig(PreTrainedConfig):
             Label smoothing of the masked-token loss.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation for the initialisation of embeddings.
+        num_classes (`int`, *optional*, defaults to 0):
+            Number of classes of a class-conditional model (at most 999), 0 for an unconditional one (the released
+            checkpoints). Class `c` goes to the class position as the id given by [`~MageConfig.class_token_ids`];
+            label -1 (and every row when no labels are given) uses the fake class label, i.e. the unconditional
+            slot that classifier-free guidance contrasts with.
+        contrastive_projection_dim (`int`, *optional*):
+            When set, [`MageForMaskedImageModeling`] gets MAGE-C's contrastive projection head, an MLP
+            (`hidden_size -> hidden_size -> contrastive_projection_dim`) on the mean of the encoder's image-token
+            outputs, returned as `contrastive_embeddings`. `None` (or 0): no head, as in the released MAGE models.
     """
 
     model_type = "mage"
@@ -176,9 +190,22 @@ class MageConfig(PreTrainedConfig):
     drop_ratio: float = 0.5
     label_smoothing: float = 0.1
     initializer_range: float = 0.02
+    num_classes: int = 0
+    contrastive_projection_dim: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if not 0 <= int(self.num_classes) <= NUM_CLASS_SLOTS - 1:
+            raise ValueError(
+                f"num_classes={self.num_classes} must lie in [0, {NUM_CLASS_SLOTS - 1}]: the vocabulary has "
+                f"{NUM_CLASS_SLOTS} class slots and one of them is the unconditional (fake) label. Use 0 for an "
+                "unconditional model."
+            )
+        if self.contrastive_projection_dim is not None and int(self.contrastive_projection_dim) < 0:
+            raise ValueError(
+                f"contrastive_projection_dim must be a positive size (or None/0 for no contrastive head), got "
+                f"{self.contrastive_projection_dim}."
+            )
         for width, heads, name in (
             (self.hidden_size, self.num_attention_heads, ""),
             (self.decoder_hidden_size, self.decoder_num_attention_heads, "decoder_"),
@@ -224,3 +251,36 @@ class MageConfig(PreTrainedConfig):
     def mask_token_id(self) -> int:
         """The id of a masked image token: the last id of the vocabulary."""
         return self.vocab_size - 1
+
+    def class_token_ids(self, class_labels: torch.LongTensor) -> torch.LongTensor:
+        """Class labels -> the ids that go to the class position, same shape and device.
+
+        The 1000 class slots follow the codebook (slot `s` is id `codebook_size + s`) and slot 76 is the fake
+        label of unconditional use. So that every class stays distinct from it, class `c` takes slot `c` for
+        `c < 76` and slot `c + 1` for `c >= 76` (classes 0..998). Label -1 means unconditional: the fake label.
+
+        Raises a `ValueError` for labels outside `[-1, num_classes - 1]` (every label but -1, when the model is
+        unconditional, `num_classes == 0`).
+        """
+        import torch
+
+        labels = torch.as_tensor(class_labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be integer class indices (-1 for unconditional), got {labels.dtype}.")
+        labels = labels.long()
+        bad = (labels < -1) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            if self.num_classes == 0:
+                hint = (
+                    "this model is unconditional (num_classes=0), so only -1 (unconditional) is allowed; set "
+                    "`num_classes` in the config to train or use a class-conditional model"
+                )
+            else:
+                hint = f"this model has num_classes={self.num_classes}"
+            allowed = f"-1 (unconditional) or in [0, {self.num_classes - 1}]" if self.num_classes else "-1"
+            raise ValueError(
+                f"class_labels must be {allowed}; got {int(labels[bad][0])} ({int(bad.sum())} out of range): {hint}."
+            )
+        slots = labels + (labels >= FAKE_CLASS_SLOT).long()  # step over the fake label's slot
+        slots = torch.where(labels < 0, torch.full_like(slots, FAKE_CLASS_SLOT), slots)
+        return self.codebook_size + slots

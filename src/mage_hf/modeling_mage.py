@@ -17,10 +17,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
+from . import cpu_kernels
 from .configuration_mage import MageConfig
 from .modeling_mage_vq import MageVQModel, MageVQQuantizer, init_vq_weights
 
 __all__ = [
+    "MageContrastiveHead",
     "MageForImageClassification",
     "MageForMaskedImageModeling",
     "MageMaskedImageModelingOutput",
@@ -58,6 +60,9 @@ class MageMaskedImageModelingOutput(ModelOutput):
             `output_hidden_states=True`.
         encoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
             Encoder attention maps, each `(batch_size, num_heads, 1 + kept, 1 + kept)`, with `output_attentions=True`.
+        contrastive_embeddings (`torch.FloatTensor` of shape `(batch_size, contrastive_projection_dim)`, *optional*):
+            MAGE-C's projection of the mean encoder output over the image positions (unnormalised), when the config
+            sets `contrastive_projection_dim`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -69,6 +74,7 @@ class MageMaskedImageModelingOutput(ModelOutput):
     encoder_last_hidden_state: torch.FloatTensor | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    contrastive_embeddings: torch.FloatTensor | None = None
 
 
 def sample_mask_ratio(config: MageConfig, generator: torch.Generator | None = None) -> float:
@@ -128,7 +134,9 @@ class MageAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, width = x.shape
-        qkv = self.qkv(x).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
+        # cpu_kernels: exact packed-weight matmuls for CPU inference, the plain module call otherwise.
+        qkv = cpu_kernels.linear(self.qkv, x)  # (B, N, 3D)
+        qkv = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
         dropout = self.attn_dropout if self.training else 0.0
         weights = None
@@ -139,7 +147,7 @@ class MageAttention(nn.Module):
             weights = scores.softmax(dim=-1)
             out = F.dropout(weights, p=dropout, training=self.training).to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, N, D)
-        return self.proj_dropout(self.proj(out)), weights
+        return self.proj_dropout(cpu_kernels.linear(self.proj, out)), weights
 
 
 class MageMLP(nn.Module):
@@ -151,7 +159,8 @@ class MageMLP(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+        hidden = self.dropout(self.act(cpu_kernels.linear(self.fc1, x)))
+        return self.dropout(cpu_kernels.linear(self.fc2, hidden))
 
 
 class MageLayer(GradientCheckpointingLayer):
@@ -225,9 +234,11 @@ class MagePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        # `output_loading_info=True` returns (model, info).
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_tokenizer()  # loading installs new parameters, which resets their requires_grad flag
-        return model
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -298,9 +309,23 @@ class MageModel(MagePreTrainedModel):
                 f"{int(bad[0])}. The codebook of this model has {codebook_size} entries."
             )
 
-    def build_sequence(self, input_ids: torch.LongTensor) -> torch.LongTensor:
-        """Prepend the class position (the fake class label) to image token ids: `(B, L)` -> `(B, 1 + L)`."""
-        class_ids = input_ids.new_full((input_ids.shape[0], 1), self.config.fake_class_label)
+    def build_sequence(
+        self, input_ids: torch.LongTensor, class_labels: torch.LongTensor | None = None
+    ) -> torch.LongTensor:
+        """Prepend the class position to image token ids: `(B, L)` -> `(B, 1 + L)`. It holds the fake class label
+        (unconditional) when `class_labels` is `None`, else the id of each row's label `(B,)` (see
+        [`MageConfig.class_token_ids`]; -1 is unconditional)."""
+        batch_size = input_ids.shape[0]
+        if class_labels is None:
+            class_ids = input_ids.new_full((batch_size, 1), self.config.fake_class_label)
+        else:
+            class_labels = torch.as_tensor(class_labels, device=input_ids.device)
+            if class_labels.shape != (batch_size,):
+                raise ValueError(
+                    f"class_labels must have shape ({batch_size},): one label per image (-1 for unconditional). Got "
+                    f"{tuple(class_labels.shape)}."
+                )
+            class_ids = self.config.class_token_ids(class_labels).view(batch_size, 1).to(input_ids.dtype)
         return torch.cat([class_ids, input_ids], dim=1)
 
     def forward(
@@ -308,6 +333,7 @@ class MageModel(MagePreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         token_drop_mask: torch.BoolTensor | None = None,
+        class_labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -322,6 +348,9 @@ class MageModel(MagePreTrainedModel):
                 Give either these or `pixel_values`.
             token_drop_mask (`torch.BoolTensor` of shape `(batch_size, L)`, *optional*):
                 `True` for tokens to leave out of the encoder. Every row must drop the same number of tokens.
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class of each image for a class-conditional model (`config.num_classes > 0`), -1 for
+                unconditional rows. `None`: the fake class label for every row (unconditional, as the original).
 
         Returns:
             [`~transformers.modeling_outputs.BaseModelOutputWithPooling`] (or a tuple with `return_dict=False`):
@@ -341,7 +370,7 @@ class MageModel(MagePreTrainedModel):
             input_ids = self.tokenize(pixel_values)
         else:
             self.check_input_ids(input_ids)
-        sequence = self.build_sequence(input_ids)
+        sequence = self.build_sequence(input_ids, class_labels)
         x = self.embeddings(sequence)  # (B, 1+L, D)
         if token_drop_mask is not None:
             x = drop_tokens(x, token_drop_mask)  # (B, 1+kept, D)
@@ -391,7 +420,7 @@ class MageDecoder(nn.Module):
     def forward(
         self, encoder_out: torch.Tensor, token_mask: torch.BoolTensor, token_drop_mask: torch.BoolTensor | None
     ) -> torch.Tensor:
-        x = self.embed(encoder_out)  # (B, 1+kept, Dd)
+        x = cpu_kernels.linear(self.embed, encoder_out)  # (B, 1+kept, Dd)
         batch_size, _, width = x.shape
         seq_len = token_mask.shape[1] + 1
         pad = x[:, :1].expand(batch_size, seq_len, width)  # (B, 1+L, Dd): the class position everywhere
@@ -420,8 +449,25 @@ class MageMLMHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor, num_ids: int) -> torch.Tensor:
         # Only the first `num_ids` vocabulary rows (the codebook) are ever needed, so only those are computed.
-        h = self.layer_norm(self.act(self.dense(hidden_states)))
-        return F.linear(h, word_embeddings[:num_ids].detach(), self.bias[:num_ids])
+        h = self.layer_norm(self.act(cpu_kernels.linear(self.dense, hidden_states)))
+        weight = word_embeddings[:num_ids].detach()
+        return cpu_kernels.packed_linear(h, weight, self.bias[:num_ids], self, "logits", source=word_embeddings)
+
+
+class MageContrastiveHead(nn.Module):
+    """MAGE-C's projection head (SimCLR style): the mean of the encoder's image-token outputs (the class position
+    left out, masked positions included, dropped ones absent) through Linear -> ReLU -> Linear. SimCLR's batch norm
+    is left out so that the head behaves the same on every device and batch split."""
+
+    def __init__(self, config: MageConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = nn.ReLU()
+        self.projection = nn.Linear(config.hidden_size, config.contrastive_projection_dim)
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        pooled = encoder_hidden_states[:, 1:].mean(dim=1)  # (B, D): image positions only
+        return self.projection(self.act(self.dense(pooled)))  # (B, P)
 
 
 class MageForMaskedImageModeling(MagePreTrainedModel):
@@ -437,6 +483,8 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
         self.mage = MageModel(config, add_pooling_layer=False)
         self.decoder = MageDecoder(config)
         self.mlm_head = MageMLMHead(config)
+        # MAGE-C only: absent (and absent from the state dict) unless the config asks for it.
+        self.contrastive_head = MageContrastiveHead(config) if config.contrastive_projection_dim else None
         self.post_init()
 
     def forward(
@@ -449,6 +497,7 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
         noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
+        class_labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -483,6 +532,9 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
                 Masking ratio to use instead of drawing one.
             generator (`torch.Generator`, *optional*):
                 Source of the random masking ratio and noise.
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class of each image for a class-conditional model, -1 for unconditional rows (see
+                [`MageConfig.class_token_ids`]). `None`: the fake class label everywhere, as the original.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
@@ -529,10 +581,14 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
         encoder_outputs = self.mage(
             input_ids=masked_ids,
             token_drop_mask=token_drop_mask,
+            class_labels=class_labels,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
+        contrastive_embeddings = None
+        if self.contrastive_head is not None:
+            contrastive_embeddings = self.contrastive_head(encoder_outputs.last_hidden_state)  # (B, P)
         decoded = self.decoder(encoder_outputs.last_hidden_state, token_mask, token_drop_mask)  # (B, 1+L, Dd)
         word_embeddings = self.mage.embeddings.word_embeddings.weight
         logits = self.mlm_head(decoded[:, 1:], word_embeddings, config.codebook_size)  # (B, L, K)
@@ -552,6 +608,7 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
+            contrastive_embeddings=contrastive_embeddings,
         )
         return output if return_dict else output.to_tuple()
 
@@ -586,7 +643,7 @@ class MageForImageClassification(MagePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        **kwargs,  # e.g. `class_labels` from generic callers: the classifier is unconditional and ignores them
     ) -> ImageClassifierOutput | tuple:
         r"""
         Args:
