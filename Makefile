@@ -12,7 +12,7 @@ CHECKPOINT ?= ../shared/golden/mage-tiny/mage_pretrain.pth
 CONVERT_FLAGS ?= --num-heads 2 --decoder-num-heads 4
 OUTPUT ?= outputs
 
-.PHONY: install demo test test-fast test-slow clean
+.PHONY: install demo test test-fast test-slow test-eval clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,16 +28,33 @@ demo: install
 	$(VENV)/bin/mage-hf convert --checkpoint "$(CHECKPOINT)" --output "$(OUTPUT)/mage-hf-model" $(CONVERT_FLAGS)
 	$(PY) -m mage_hf.demo --model "$(OUTPUT)/mage-hf-model" --output "$(OUTPUT)"
 
-# The whole suite: the default selection, then the real-size (slow) checks.
+# The whole suite: the default selection, the real-size (slow) checks, then the FID/IS (eval) checks.
 test: install
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q -m slow
+	$(MAKE) test-eval
 
 test-fast: install
 	$(PY) -m pytest -q
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# FID/IS need torch-fidelity, which needs torchvision, and no torchvision works with the CPU torch above. The eval
+# checks get their own environment with a pair that does (a CUDA build of torch that also runs on the CPU, ~5.5 GB).
+EVAL_VENV ?= .venv-eval
+EVAL_PY := $(EVAL_VENV)/bin/python
+EVAL_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+$(EVAL_VENV)/.installed: pyproject.toml
+	test -x $(EVAL_PY) || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_PY) -m pip install --quiet --upgrade pip
+	$(EVAL_PY) -m pip install --quiet $(EVAL_TORCH)
+	$(EVAL_PY) -m pip install --quiet -e ".[test,eval]" $(EVAL_TORCH)
+	touch $@
+
+test-eval: $(EVAL_VENV)/.installed
+	$(EVAL_PY) -m pytest -q -m eval
 
 clean:
 	rm -rf $(OUTPUT) .pytest_cache build src/*.egg-info
