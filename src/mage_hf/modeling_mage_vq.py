@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from . import cpu_kernels
 from .configuration_mage import MageVQConfig
 
 __all__ = ["MageVQModel", "MageVQEncoderOutput", "MageVQPreTrainedModel"]
@@ -43,6 +44,21 @@ class MageVQEncoderOutput(ModelOutput):
     latents: torch.FloatTensor | None = None
 
 
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """swish, in place when no autograd graph needs `x` (the output of a GroupNorm, used nowhere else): one large
+    activation fewer to allocate per call."""
+    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def _to_conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """On the CPU the decoder's convolutions run in channels-last (NHWC) layout, which oneDNN computes without
+    converting every activation to and from its blocked layout, and with weights packed once (`cpu_kernels`); see
+    benchmarks/README.md for the measurements. The decoder hands back a standard contiguous tensor."""
+    if x.device.type == "cpu" and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class MageVQResnetBlock(nn.Module):
     """GroupNorm -> swish -> conv3x3 (no bias), twice. When the width changes, the shortcut is a 1x1 convolution of
     the block's *output* `h`, not of its input: `shortcut(h) + h`. That is what the released weights were trained
@@ -60,11 +76,13 @@ class MageVQResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = cpu_kernels.conv2d(self.conv1, _silu(self.norm1(x)))
+        h = cpu_kernels.conv2d(self.conv2, _silu(self.norm2(h)))
+        # The sums are formed in place in the fresh convolution outputs (no convolution saves its output for
+        # backward, so this is autograd-safe): at 256x256 every new activation is tens of MB of first-touched memory.
         if self.nin_shortcut is not None:
-            return self.nin_shortcut(h) + h
-        return x + h
+            return cpu_kernels.conv2d(self.nin_shortcut, h).add_(h)
+        return h.add_(x)
 
 
 class MageVQUpsample(nn.Module):
@@ -75,7 +93,7 @@ class MageVQUpsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return cpu_kernels.conv2d(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _level(blocks: list[nn.Module], upsample: nn.Module | None = None) -> nn.Module:
@@ -110,6 +128,8 @@ class MageVQEncoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, config.embed_dim, 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The encoder keeps the standard layout: its codebook ids must match the original's exactly, and a
+        # channels-last convolution rounds differently enough to flip near-tied nearest codes.
         h = self.conv_in(pixel_values)
         for i, level in enumerate(self.down):
             for block in level.block:
@@ -117,7 +137,7 @@ class MageVQEncoder(nn.Module):
             if i != len(self.down) - 1:
                 h = F.avg_pool2d(h, kernel_size=2, stride=2)
         h = self.mid["block_2"](self.mid["block_1"](h))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_silu(self.norm_out(h)))  # (B, embed_dim, h, w)
 
 
 class MageVQDecoder(nn.Module):
@@ -144,7 +164,7 @@ class MageVQDecoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, config.num_channels, 3, padding=1)
 
     def forward(self, quantized: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(quantized)
+        h = cpu_kernels.conv2d(self.conv_in, _to_conv_layout(quantized))
         h = self.mid["block_2"](self.mid["block_1"](h))
         for i in reversed(range(len(self.up))):
             level = self.up[i]
@@ -152,7 +172,7 @@ class MageVQDecoder(nn.Module):
                 h = block(h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return cpu_kernels.conv2d(self.conv_out, _silu(self.norm_out(h))).contiguous()  # (B, 3, H, W)
 
 
 class MageVQQuantizer(nn.Module):

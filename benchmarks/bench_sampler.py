@@ -1,0 +1,221 @@
+# Copyright 2026 The mage-hf authors. MIT licence.
+"""Time image generation on the ViT-B shape (random weights): `MageGenerationPipeline` at batch 1 and 4 with 20 steps,
+split into the transformer steps (model + scheduler) and the VQGAN decode, in seconds per image. Prints the FLOPs
+counted for one step and one decode, the fp32 sgemm throughput measured in the same run, the FLOP-based floor and the
+fraction of it reached, and, given `--original-repo`, the same for the original LTH14/mage code timed alternately
+with ours in the same run.
+
+    python benchmarks/bench_sampler.py --original-repo /tmp/mage-original --deps /tmp/mage-orig-deps \
+        --output benchmarks/results/sampler.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import (  # noqa: E402
+    OriginalWorker,
+    Row,
+    clock,
+    count_flops,
+    format_table,
+    load_average,
+    machine_header,
+    measure_matmul_peak,
+    set_threads,
+    set_timer,
+    tiny_config,
+    vit_b_config,
+)
+
+from mage_hf import MageForMaskedImageModeling, MageGenerationPipeline, MageScheduler, cpu_kernels  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps per image")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size (the best is reported)")
+    parser.add_argument("--original-repo", type=Path, default=None, help="checkout of LTH14/mage to time side by side")
+    parser.add_argument("--deps", type=Path, default=None, help="folder with the original's old dependencies")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: process CPU time (with --threads 1, robust to a busy machine)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd transformer and VQ decoder (compile time reported apart)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, to check that the script works")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="also write the report to this file")
+    return parser.parse_args(argv)
+
+
+class TimedPipeline:
+    """Our pipeline, with its VQ decode and scheduler steps timed through instance attributes (nothing changes what
+    they compute)."""
+
+    def __init__(self, pipe: MageGenerationPipeline):
+        self.pipe = pipe
+        self.decode_time = 0.0
+        self.scheduler_time = 0.0
+        decode, step = pipe.decode, pipe.scheduler.step
+
+        def timed_decode(*args, **kwargs):
+            start = clock()
+            out = decode(*args, **kwargs)
+            self.decode_time += clock() - start
+            return out
+
+        def timed_step(*args, **kwargs):
+            start = clock()
+            out = step(*args, **kwargs)
+            self.scheduler_time += clock() - start
+            return out
+
+        pipe.decode, pipe.scheduler.step = timed_decode, timed_step
+
+    def __call__(self, batch_size: int, steps: int, seed: int) -> dict:
+        self.decode_time = self.scheduler_time = 0.0
+        generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(batch_size)]
+        start = clock()
+        images = self.pipe(num_images=batch_size, num_inference_steps=steps, generator=generators,
+                           output_type="pt").images
+        total = clock() - start
+        if images.shape[0] != batch_size or not torch.isfinite(images).all():
+            raise RuntimeError("the pipeline returned bad images")
+        return {"total": total, "decode": self.decode_time, "steps": total - self.decode_time,
+                "scheduler": self.scheduler_time}
+
+
+def our_flops(model: MageForMaskedImageModeling) -> dict:
+    """FLOPs per image of one transformer step (half the tokens masked) and of one VQ decode, at batch 1."""
+    config = model.config
+    grid = config.vq_config.grid_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.codebook_size, (1, config.num_image_tokens), generator=generator)
+    ids[:, ::2] = config.mask_token_id
+    # Counted with the plain ops: the counter does not know the packed-weight kernels, which do the same products.
+    with torch.no_grad(), cpu_kernels.use_packed_kernels(False):
+        step = count_flops(model, input_ids=ids)
+        decode = count_flops(model.mage.vq_model.decode, ids.clamp(max=config.codebook_size - 1).view(1, grid, grid))
+    return {"step": step, "decode": decode}
+
+
+def compile_model(model: MageForMaskedImageModeling) -> None:
+    """Compile the transformer stacks and the VQ decoder in place (state-dict keys unchanged), with Inductor's
+    freezing (weights as constants, so that it packs them itself: without it the compiled model was slower than the
+    eager one with packed weights)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    model.mage.encoder.compile(dynamic=False)
+    model.decoder.compile(dynamic=False)
+    model.mage.vq_model.decoder.compile(dynamic=False)
+
+
+def main(args) -> str:
+    threads = set_threads(args.threads)
+    set_timer(args.timer)
+    torch.manual_seed(args.seed)
+    config = tiny_config() if args.tiny else vit_b_config()
+    model = MageForMaskedImageModeling(config).eval()
+    pipe = MageGenerationPipeline(model=model, scheduler=MageScheduler.from_model_config(config))
+    pipe.set_progress_bar_config(disable=True)
+    ours = TimedPipeline(pipe)
+    flops = our_flops(model)
+
+    worker = None
+    if args.original_repo is not None:
+        if args.tiny:
+            raise SystemExit("--tiny cannot be compared with the original, whose shapes are hard-coded.")
+        worker = OriginalWorker(args.original_repo, deps=args.deps, threads=threads)
+    try:
+        peak = measure_matmul_peak()  # the worker is idle, waiting for a request
+        original_flops = worker.request({"cmd": "sampler_flops"}) if worker else None
+        load_before = load_average()
+        results: dict[tuple[str, int], list[dict]] = {}
+        for batch_size in args.batch_sizes:
+            ours(batch_size, 1, seed=args.seed)  # warm-up: first-call allocations, thread pool
+            if worker:
+                worker.request({"cmd": "sampler", "batch_size": batch_size, "steps": 1, "seed": args.seed})
+            for repeat in range(args.repeats):
+                # Alternate the two implementations so that both see the same background load.
+                results.setdefault(("mage-hf", batch_size), []).append(ours(batch_size, args.steps, seed=repeat))
+                if worker:
+                    run = worker.request(
+                        {"cmd": "sampler", "batch_size": batch_size, "steps": args.steps, "seed": repeat}
+                    )
+                    results.setdefault(("original", batch_size), []).append(run)
+
+        compile_note = None
+        if args.compile:
+            start = clock()
+            compile_model(model)
+            for batch_size in args.batch_sizes:
+                ours(batch_size, 1, seed=args.seed)  # compiles (and recompiles per batch shape)
+            compile_time = clock() - start
+            compile_note = f"torch.compile: {compile_time:.1f} s to compile (one-step warm-ups included)"
+            for batch_size in args.batch_sizes:
+                for repeat in range(args.repeats):
+                    results.setdefault(("mage-hf compiled", batch_size), []).append(
+                        ours(batch_size, args.steps, seed=repeat)
+                    )
+    finally:
+        if worker:
+            worker.close()
+
+    rows, baseline = [], {}
+    for (name, batch_size), runs in results.items():
+        run = min(runs, key=lambda r: r["total"])
+        step_flops = original_flops if name == "original" else flops
+        row = Row(
+            name=name,
+            batch_size=batch_size,
+            parts={"steps": run["steps"] / batch_size, "decode": run["decode"] / batch_size},
+            flops={"steps": args.steps * step_flops["step"], "decode": step_flops["decode"]},
+        )
+        if name == "original":
+            baseline[batch_size] = row
+        rows.append(row)
+    rows.sort(key=lambda r: (r.batch_size, r.name != "original", r.name))
+
+    floor = (args.steps * flops["step"] + flops["decode"]) / 1e9 / peak
+    lines = [
+        f"MAGE sampler benchmark: {'tiny config' if args.tiny else 'ViT-B shape'}, random weights, "
+        f"{args.steps} steps, float32, best of {args.repeats}",
+        machine_header(peak, threads) + f"; load average {load_before} (start), {load_average()} (end)",
+        f"FLOPs per image (counted, matmul/conv/attention): transformer step {flops['step'] / 1e9:.1f} G, "
+        f"VQ decode {flops['decode'] / 1e9:.1f} G"
+        + (f"; original: step {original_flops['step'] / 1e9:.1f} G, decode {original_flops['decode'] / 1e9:.1f} G"
+           if original_flops else ""),
+        f"FLOP-based floor at the measured peak: {floor:.2f} s per {args.steps}-step image "
+        f"({args.steps * flops['step'] / 1e9 / peak:.2f} s steps + {flops['decode'] / 1e9 / peak:.2f} s decode)",
+        "",
+        format_table(rows, peak, baseline),
+        "",
+    ]
+    for row in rows:
+        runs = results[(row.name, row.batch_size)]
+        scheduler = min(runs, key=lambda r: r["total"]).get("scheduler")
+        note = f", of which scheduler {scheduler / row.batch_size:.3f} s/img" if scheduler is not None else ""
+        all_runs = ", ".join(f"{r['total'] / row.batch_size:.2f}" for r in runs)
+        lines.append(
+            f"{row.name} batch {row.batch_size}: {row.total:.2f} s/img = {floor / row.total:.0%} of the floor "
+            f"(all runs: {all_runs} s/img{note})"
+        )
+    if compile_note:
+        lines.append(compile_note)
+    report = "\n".join(lines)
+    print(report)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

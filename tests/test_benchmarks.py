@@ -1,0 +1,76 @@
+"""The benchmark scripts run (on a tiny model, for a step or two) and count FLOPs correctly. Timings are not
+checked here: they take minutes on the real shapes and are reported by the scripts themselves."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_sampler  # noqa: E402
+import bench_training  # noqa: E402
+from bench_utils import Row, count_flops, format_table, tiny_config  # noqa: E402
+
+from mage_hf import MageForMaskedImageModeling  # noqa: E402
+
+
+def test_attention_flops_are_counted_the_same_for_sdpa_and_eager():
+    # torch's counter misses the CPU SDPA kernel; bench_utils adds it, so both implementations count the same work.
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = torch.full((2, model.config.num_image_tokens), model.config.mask_token_id)
+    counts = {}
+    for attn in ("sdpa", "eager"):
+        model.config._attn_implementation = attn
+        with torch.no_grad():
+            counts[attn] = count_flops(model, input_ids=ids)
+            layer = model.mage.encoder.layers[0].attn
+            x = torch.zeros(2, model.config.num_image_tokens + 1, model.config.hidden_size)
+            counts[attn, "layer"] = count_flops(layer, x)
+    assert counts["sdpa"] == counts["eager"] > 0
+    b, n, d = x.shape
+    projections = 2 * b * n * d * 3 * d + 2 * b * n * d * d  # qkv and output projection
+    attention = 2 * 2 * b * n * n * d  # QK^T and PV over all heads
+    assert counts["sdpa", "layer"] == counts["eager", "layer"] == projections + attention
+
+
+def test_table_reports_speed_up_and_fraction_of_peak():
+    original = Row("original", 1, parts={"steps": 2.0, "decode": 1.0}, flops={"steps": 150e9, "decode": 150e9})
+    ours = Row("mage-hf", 1, parts={"steps": 1.0, "decode": 0.5}, flops={"steps": 150e9, "decode": 150e9})
+    table = format_table([original, ours], peak=300.0, baseline={1: original})
+    ours_line = table.splitlines()[-1]
+    assert "2.00x" in ours_line  # 3.0 s / 1.5 s
+    assert "200.0" in ours_line and "67%" in ours_line  # 300 GFLOP in 1.5 s, of a 300 GFLOP/s peak
+
+
+def _numbers(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+\.\d+", line)]
+
+
+def test_sampler_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = tmp_path / "sampler.txt"
+    report = bench_sampler.main(
+        bench_sampler.parse_args(["--tiny", "--steps", "2", "--repeats", "1", "--batch-sizes", "1", "2",
+                                  "--output", str(out)])
+    )
+    assert out.read_text().strip() == report.strip()
+    rows = [line for line in report.splitlines() if line.startswith("mage-hf ") and "s/img =" not in line]
+    assert len(rows) == 2
+    for line in rows:
+        steps, decode, total = _numbers(line)[:3]
+        assert steps > 0 and decode > 0 and total == pytest.approx(steps + decode, abs=2e-3)
+    assert "FLOP-based floor" in report
+
+
+def test_training_benchmark_runs_on_a_tiny_model():
+    report = bench_training.main(bench_training.parse_args(["--tiny", "--repeats", "1", "--batch-size", "2"]))
+    for mode in ("pixels", "token ids"):
+        for optimizer in ("default", "fused"):
+            assert f"mage-hf ({mode}, {optimizer} AdamW)" in report
+    rates = [float(m) for m in re.findall(r"([\d.]+) images/s", report)]
+    assert len(rates) == 4 and all(rate > 0 for rate in rates)
