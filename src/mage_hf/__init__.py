@@ -16,6 +16,7 @@ from transformers import (
 from .configuration_mage import MageConfig, MageVQConfig
 from .image_processing_mage import MageImageProcessor
 from .modeling_mage import (
+    MageContrastiveHead,
     MageForImageClassification,
     MageForMaskedImageModeling,
     MageMaskedImageModelingOutput,
@@ -25,11 +26,24 @@ from .modeling_mage import (
 from .modeling_mage_vq import MageVQEncoderOutput, MageVQModel
 from .pipeline_mage import MageGenerationPipeline, MageInpaintPipeline, MagePipelineOutput
 from .scheduling_mage import MageScheduler, MageSchedulerOutput
+from .classifier_training import LARS, LinearProbeHead, fold_batchnorm_into_linear
+from .vq_training import (
+    CodebookUsageTracker,
+    LPIPSPerceptualLoss,
+    MageVQForTraining,
+    MageVQTrainingOutput,
+    PatchGANDiscriminator,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CodebookUsageTracker",
+    "LARS",
+    "LPIPSPerceptualLoss",
+    "LinearProbeHead",
     "MageConfig",
+    "MageContrastiveHead",
     "MageForImageClassification",
     "MageForMaskedImageModeling",
     "MageGenerationPipeline",
@@ -43,7 +57,11 @@ __all__ = [
     "MageSchedulerOutput",
     "MageVQConfig",
     "MageVQEncoderOutput",
+    "MageVQForTraining",
     "MageVQModel",
+    "MageVQTrainingOutput",
+    "PatchGANDiscriminator",
+    "fold_batchnorm_into_linear",
 ]
 
 AutoConfig.register("mage", MageConfig, exist_ok=True)
