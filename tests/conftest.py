@@ -47,3 +47,15 @@ def converted(tmp_path_factory):
         assert main(["convert", "--checkpoint", str(golden / name), "--output", str(out), *heads]) == 0
         folders[kind] = out
     return folders
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset Accelerate's process-wide state around a test that calls a training script's `main` in-process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -37,16 +37,8 @@ from training_data import photo_images, write_imagefolder
 RES = 32
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each `main` builds an `Accelerator`, whose state is a process-wide singleton."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# Each script's `main` builds an `Accelerator`, whose state is a process-wide singleton (see conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_vq_config(**kwargs) -> MageVQConfig:
