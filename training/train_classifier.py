@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -47,8 +46,8 @@ from mage_hf.training_utils import (
     cosine_lr_with_warmup,
     keyed_generator,
     load_image_dataset,
-    prune_checkpoints,
     resolve_checkpoint,
+    save_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -270,18 +269,6 @@ def evaluate(accelerator, model: nn.Module, loader) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
-    # Written under a temporary name and renamed when complete (no half-written checkpoint for `latest`), then the
-    # oldest are pruned down to --checkpoints_total_limit.
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    accelerator.save_state(final + ".tmp")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(final + ".tmp", final)
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-
-
 def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -399,7 +386,7 @@ def main(args: argparse.Namespace) -> dict:
             accelerator.log(logs, step=state.global_step)
             logger.info("step %d: %s", state.global_step, logs)
         if state.global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, state.global_step)
+            save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
     global_step = state.global_step
 
     # The saved classifier: for the probe, the BatchNorm folded into the head (exact in eval mode).

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -40,8 +39,8 @@ from mage_hf.training_utils import (
     param_groups_weight_decay,
     parameter_checksum,
     precompute_view_tokens,
-    prune_checkpoints,
     resolve_checkpoint,
+    save_checkpoint,
     write_model_card,
 )
 
@@ -411,15 +410,7 @@ def main(args):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            # Written under a temporary name and renamed when complete: a run killed while saving leaves no
-            # half-written checkpoint for --resume_from_checkpoint latest to pick up.
-            final = os.path.join(args.output_dir, f"checkpoint-{step}")
-            accelerator.save_state(final + ".tmp")
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(final + ".tmp", final)
-                prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
         if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
             # Its own generators, in eval mode, under a forked RNG: validating changes nothing in training.
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):

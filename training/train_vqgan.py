@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,8 @@ from mage_hf.training_utils import (
     image_grid,
     keyed_generator,
     load_image_dataset,
-    prune_checkpoints,
     resolve_checkpoint,
+    save_checkpoint,
 )
 from mage_hf.vq_training import (
     CodebookUsageTracker,
@@ -192,18 +191,6 @@ def build_vq_model(args: argparse.Namespace) -> MageVQModel:
         )
     kwargs["resolution"] = args.resolution
     return MageVQModel(MageVQConfig(**kwargs))
-
-
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int) -> None:
-    # Written under a temporary name and renamed when complete, so `--resume_from_checkpoint latest` never picks up
-    # a half-written checkpoint; then the oldest are pruned down to --checkpoints_total_limit.
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    accelerator.save_state(final + ".tmp")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(final + ".tmp", final)
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
 
 
 def reconstruct(model: MageVQModel, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -410,7 +397,7 @@ def main(args: argparse.Namespace) -> dict:
         if val_pixels is not None and accelerator.is_main_process and global_step % args.image_logging_steps == 0:
             log_reconstructions(accelerator, model, val_pixels, args, global_step)
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, global_step)
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
 
     global_step = state.global_step
     accelerator.wait_for_everyone()

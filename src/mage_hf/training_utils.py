@@ -40,6 +40,7 @@ __all__ = [
     "pil_to_tensor",
     "precompute_view_tokens",
     "prune_checkpoints",
+    "save_checkpoint",
     "resolve_checkpoint",
     "to_rgb",
     "tokenize_views",
@@ -457,6 +458,22 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> s
             "'latest'."
         )
     return resume_from_checkpoint
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """`accelerator.save_state` to `<output_dir>/checkpoint-<step>`, written under a temporary name and renamed when
+    complete, so that a run killed while saving leaves no half-written checkpoint for `--resume_from_checkpoint
+    latest` to pick up; then the oldest are pruned down to `total_limit`. Call it on every process."""
+    import shutil
+
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    accelerator.save_state(final + ".tmp")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(final + ".tmp", final)
+        prune_checkpoints(output_dir, total_limit)
+    return final
 
 
 def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
