@@ -68,7 +68,8 @@ def test_sampler_benchmark_runs_on_a_tiny_model(tmp_path):
 
 
 def test_training_benchmark_runs_on_a_tiny_model():
-    report = bench_training.main(bench_training.parse_args(["--tiny", "--repeats", "1", "--batch-size", "2"]))
+    args = ["--tiny", "--repeats", "1", "--batch-size", "2", "--optimizers", "default", "fused"]
+    report = bench_training.main(bench_training.parse_args(args))
     for mode in ("pixels", "token ids"):
         for optimizer in ("default", "fused"):
             assert f"mage-hf ({mode}, {optimizer} AdamW)" in report

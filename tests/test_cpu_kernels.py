@@ -102,3 +102,120 @@ def test_model_outputs_do_not_depend_on_the_packed_kernels():
     for plain, packed in zip(results[False], results[True]):
         assert packed.is_contiguous()
         torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkldnn
+def test_fused_conv_add_matches_conv_then_add_and_writes_into_the_residual():
+    g = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    x = torch.randn(2, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = cpu_kernels.conv2d(conv, x) + residual
+        buffer = residual.clone()
+        out = cpu_kernels.conv2d_add_(conv, x, buffer)
+        assert out.data_ptr() == buffer.data_ptr()  # the sum went into the residual's memory
+        assert torch.equal(out, expected)  # the fused post-op rounds like a separate add
+    # With autograd the residual is left alone and gradients flow.
+    residual.requires_grad_(True)
+    out = cpu_kernels.conv2d_add_(conv, x, residual)
+    out.sum().backward()
+    assert torch.equal(residual.grad, torch.ones_like(residual)) and conv.weight.grad is not None
+
+
+def test_inference_in_place_paths_match_the_autograd_path():
+    """Without autograd the MLP's GELU and the residual sums are computed in place; with autograd they are not.
+    The numbers are the same (the same matmul kernels in both modes: packed ones off)."""
+    torch.manual_seed(0)
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    config = model.config
+    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=torch.Generator().manual_seed(5))
+    ids[:, ::3] = config.mask_token_id
+    with cpu_kernels.use_packed_kernels(False):
+        with torch.no_grad():
+            inference = model(input_ids=ids, output_hidden_states=True)
+        tracked = model(input_ids=ids, output_hidden_states=True)
+    assert tracked.logits.grad_fn is not None
+    assert torch.equal(inference.logits, tracked.logits.detach())
+    # Hidden states handed out are not overwritten by the in-place sums of later blocks.
+    for a, b in zip(inference.encoder_hidden_states, tracked.encoder_hidden_states):
+        assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_rate_scale_and_gradient(p):
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    out = cpu_kernels.dropout(x, p)
+    dropped = round(p * 65536)
+    scale = 65536 / (65536 - dropped)
+    zero = out == 0
+    # Every value is dropped or scaled by the inverse of the exact keep probability.
+    assert torch.equal(out[~zero], torch.full_like(out[~zero], scale))
+    # The drop rate is p (within 5 standard deviations of a binomial over 400k elements).
+    rate, std = zero.float().mean().item(), (p * (1 - p) / x.numel()) ** 0.5
+    assert abs(rate - dropped / 65536) < 5 * std
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient passes through the same mask and scale
+
+
+def test_dropout_follows_torch_seed_and_generator_state():
+    x = torch.randn(64, 64)
+    torch.manual_seed(1)
+    a = cpu_kernels.dropout(x, 0.1)
+    state = torch.get_rng_state()
+    b = cpu_kernels.dropout(x, 0.1)
+    torch.set_rng_state(state)
+    assert torch.equal(cpu_kernels.dropout(x, 0.1), b)  # a restored state (as on resume) repeats the mask
+    torch.manual_seed(1)
+    assert torch.equal(cpu_kernels.dropout(x, 0.1), a)
+    assert not torch.equal(a, b)
+
+
+def test_dropout_identity_and_fallbacks():
+    x = torch.randn(8, 8)
+    assert cpu_kernels.dropout(x, 0.1, training=False) is x
+    assert cpu_kernels.dropout(x, 0.0) is x
+    assert torch.equal(cpu_kernels.dropout(x, 1.0), torch.zeros_like(x))
+    with cpu_kernels.use_packed_kernels(False):  # turned off: exactly F.dropout's draw
+        torch.manual_seed(2)
+        a = cpu_kernels.dropout(x, 0.2)
+        torch.manual_seed(2)
+        assert torch.equal(a, F.dropout(x, 0.2, True))
+    ints = torch.arange(10)
+    with pytest.raises(RuntimeError):
+        cpu_kernels.dropout(ints, 0.5)  # as F.dropout: integer tensors are rejected
+
+
+def test_training_forward_is_reproducible_from_the_seed():
+    torch.manual_seed(0)
+    model = MageForMaskedImageModeling(tiny_config()).train()
+    config = model.config
+    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=torch.Generator().manual_seed(6))
+    losses = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        losses.append(model(input_ids=ids, mask_ratio=0.6, generator=torch.Generator().manual_seed(0)).loss)
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+
+
+@needs_mkldnn
+def test_channels_last_encoder_agrees_with_the_standard_layout():
+    """`encode(channels_last=True)` (the training scripts' tokenizer) rounds differently from the standard layout:
+    latents agree to rounding, and an id differs only where its two nearest codes are nearly tied."""
+    torch.manual_seed(0)
+    vq = MageForMaskedImageModeling(tiny_config()).mage.vq_model.eval()
+    size = vq.config.resolution
+    pixels = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        standard = vq.encode(pixels)
+        fast = vq.encode(pixels, channels_last=True)
+    assert fast.latents.is_contiguous()
+    # Rounding differences, grown through ~20 convolutions and normalisations: ~4e-5 of the latents' scale here.
+    scale = float(standard.latents.abs().max())
+    assert float((fast.latents - standard.latents).abs().max()) < 1e-4 * scale
+    flat = standard.latents.permute(0, 2, 3, 1).reshape(-1, standard.latents.shape[1])
+    distances = torch.cdist(flat, vq.quantize.embedding.weight.detach()) ** 2  # (N, K)
+    a, b = standard.token_ids.flatten(), fast.token_ids.flatten()
+    gaps = distances.gather(1, b[:, None]) - distances.gather(1, a[:, None])
+    assert float(gaps.abs().max()) < 1e-4

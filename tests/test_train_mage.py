@@ -359,7 +359,8 @@ def test_two_processes_match_one_process_mage_c_class_conditional_precomputed(wo
     assert model.config.num_classes == 10 and model.config.contrastive_projection_dim == 16
     assert model.contrastive_head is not None
 
-    # The cached tokens are the tokenizer's ids of the augmented views the script describes.
+    # The cached tokens are the tokenizer's ids (channels-last, as the training scripts run it) of the augmented views
+    # the script describes.
     import datasets
 
     cache = list((tmp_path / "one" / "token_cache").glob("*.arrow"))
@@ -371,7 +372,8 @@ def test_two_processes_match_one_process_mage_c_class_conditional_precomputed(wo
     for index in (0, 17, 59):
         for view in range(3):
             pixels = transform(raw[index]["image"], keyed_generator(0, 2, index, view))
-            assert torch.equal(tokens[index]["mage_tokens"][view].long(), model.mage.tokenize(pixels[None])[0])
+            expected = model.mage.tokenize(pixels[None], channels_last=True)[0]
+            assert torch.equal(tokens[index]["mage_tokens"][view].long(), expected)
     assert not torch.equal(tokens[0]["mage_tokens"][0], tokens[0]["mage_tokens"][1])  # the views differ
 
 

@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opt.add_argument("--momentum", type=float, default=0.9, help="LARS/SGD momentum.")
     opt.add_argument("--adam_beta1", type=float, default=0.9)
     opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--fused_adam", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch's fused AdamW kernel: one pass per parameter (--no-fused_adam: the default loop).")
     opt.add_argument("--layer_decay", type=float, default=0.65, help="Layer-wise lr decay (finetune).")
     opt.add_argument("--label_smoothing", type=float, help="Defaults: 0 (probe), 0.1 (finetune).")
     opt.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (finetune; MAGE: 0.8).")
@@ -318,7 +320,8 @@ def main(args: argparse.Namespace) -> dict:
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:  # fine-tuning groups carry their own weight decay (none on biases and norms)
         optimizer = torch.optim.AdamW(
-            groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
+            groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
+            fused=args.fused_adam or None,
         )
     warmup = min(max_steps, round(args.warmup_epochs * steps_per_epoch))
     scheduler = cosine_lr_with_warmup(optimizer, warmup, max_steps)

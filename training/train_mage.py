@@ -30,6 +30,7 @@ from mage_hf.training_utils import (
     ShardedBatchSampler,
     center_crop_resize,
     check_hub_access,
+    clip_grad_norm_,
     cosine_lr_with_warmup,
     image_grid,
     info_nce_loss,
@@ -96,6 +97,8 @@ def parse_args(argv=None):
     g.add_argument("--lr_warmup_steps", type=int, help="Defaults to 2.5%% of the steps (MAGE: 40 of 1600 epochs).")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.95)
+    g.add_argument("--fused_adam", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch's fused AdamW kernel: one pass per parameter (--no-fused_adam: the default loop).")
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--max_grad_norm", type=float, default=3.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
@@ -317,7 +320,8 @@ def main(args):
     lr = args.learning_rate if args.learning_rate is not None else args.blr * total_batch / 256
     warmup = args.lr_warmup_steps if args.lr_warmup_steps is not None else math.ceil(0.025 * args.max_train_steps)
     optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2)
+        param_groups_weight_decay(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+        fused=args.fused_adam or None,
     )
     warmup = min(warmup, args.max_train_steps)
     lr_scheduler = cosine_lr_with_warmup(optimizer, warmup, args.max_train_steps, args.min_lr_ratio)
@@ -362,7 +366,7 @@ def main(args):
             if "input_ids" in batch:
                 ids = batch["input_ids"].to(accelerator.device)
             else:  # the frozen tokenizer in float32, outside autocast
-                ids = unwrapped.mage.tokenize(batch["pixel_values"].to(accelerator.device))
+                ids = unwrapped.mage.tokenize(batch["pixel_values"].to(accelerator.device), channels_last=True)
             labels = batch["class_labels"].to(accelerator.device) if "class_labels" in batch else None
             views = len(ids) // len(batch["index"])
             mask_ratio, noise = draw_masks(unwrapped.config, args.seed, micro, batch["index"], views)
@@ -378,7 +382,7 @@ def main(args):
             step_metrics["loss"] = loss.detach()
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                clip_grad_norm_(model.parameters(), args.max_grad_norm, accelerator)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for key, value in step_metrics.items():

@@ -1,5 +1,6 @@
 # Copyright 2026 The mage-hf authors. MIT licence.
-"""CPU inference kernels with pre-packed weights, used by the MAGE transformer and its VQGAN decoder.
+"""CPU kernels for the MAGE transformer and its VQGAN decoder: matmuls with pre-packed weights for inference, and a
+cheaper dropout for training.
 
 A plain `F.linear` / `F.conv2d` on the CPU re-packs the weight into the matrix library's blocked layout on every
 call. For MAGE's shapes (257 tokens per image; 512-channel convolutions at 16x16) that repacking is a large share of
@@ -19,18 +20,29 @@ hooks, outside `torch.compile`/TorchScript tracing, and when this torch build ha
 memory as the weight it packs. It is dropped with its module and rebuilt when the input shape or the weight changes
 (another tensor, storage or version, or different values at 32 sampled positions, which catches writes through
 `.data`); `set_enabled(False)` turns the mechanism off and frees the copies.
+
+Dropout: `torch.nn.functional.dropout` on the CPU draws its keep mask with `bernoulli_`, about 6 ns per element on
+these machines. MAGE drops out attention probabilities and MLP activations (about 27 M elements per image and training
+step at the ViT-B shape), so that was 18% of a ViT-B training step. [`dropout`] takes 16 random bits per element from
+numpy's SFC64 generator (a fast, well-tested 64-bit generator; 0.1 ns per element), seeded with one draw from torch's
+default generator per call. So it follows `torch.manual_seed` and a saved/restored generator state like `nn.Dropout`,
+though the two draw different masks. The drop probability is `p` rounded to a multiple of 2^-16 (0.1 becomes
+0.100006), and kept values are scaled by the inverse of the exact keep probability, so the expected value is
+unchanged. CUDA tensors and compiled graphs use `F.dropout` (fused there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["clear_cache", "conv2d", "is_enabled", "linear", "packed_linear", "set_enabled", "use_packed_kernels"]
+__all__ = ["clear_cache", "conv2d", "conv2d_add_", "dropout", "is_enabled", "linear", "packed_linear", "set_enabled", "use_packed_kernels"]
 
 _state = {"enabled": True}
 # module -> {tag: (key, packed weight, weakref to the source weight, sampled values)}. Weak, so that a packed copy
@@ -158,10 +170,8 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return packed_linear(x, module.weight, module.bias, module, "weight")
 
 
-def conv2d(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`; on the CPU without autograd and for channels-last input, oneDNN with a weight reordered once per
-    input shape."""
-    if not (
+def _conv_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
+    return (
         _HAS_MKLDNN_CONV
         and torch.backends.mkldnn.enabled
         and x.ndim == 4
@@ -170,8 +180,42 @@ def conv2d(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         and not isinstance(module.padding, str)
         and _module_ok(module, nn.Conv2d)
         and _tensors_ok(x, module.weight, module.bias)
-    ):
+    )
+
+
+def conv2d(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`; on the CPU without autograd and for channels-last input, oneDNN with a weight reordered once per
+    input shape."""
+    if not _conv_ok(module, x):
         return module(x)
+    packed, padding, stride, dilation = _packed_conv(module, x)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, packed, _detached(module.bias), padding, stride, dilation, module.groups, "none", [], ""
+    )
+
+
+def conv2d_add_(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`module(x) + residual`. On the fast path of [`conv2d`] the sum is oneDNN's fused post-op, written into
+    `residual` (no new activation, no separate pass), so `residual` must be a buffer the caller no longer needs."""
+    if not (
+        _conv_ok(module, x)
+        and type(residual) is torch.Tensor
+        and residual.dtype == x.dtype
+        and residual.is_contiguous(memory_format=torch.channels_last)
+        and not (torch.is_grad_enabled() and residual.requires_grad)
+        and residual.data_ptr() != x.data_ptr()
+    ):
+        return module(x).add_(residual)  # a fresh convolution output, so the in-place sum is autograd-safe
+    packed, padding, stride, dilation = _packed_conv(module, x)
+    if residual.shape != (x.shape[0], module.out_channels) + residual.shape[2:]:
+        return module(x).add_(residual)
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        residual, x, packed, _detached(module.bias), padding, stride, dilation, module.groups, "add", None, None, [],
+        None,
+    )
+
+
+def _packed_conv(module: nn.Conv2d, x: torch.Tensor):
     weight = module.weight.detach()
     padding, stride, dilation = list(module.padding), list(module.stride), list(module.dilation)
     key = (tuple(x.shape), tuple(weight.shape))  # oneDNN picks its algorithm (and weight layout) per input shape
@@ -185,10 +229,35 @@ def conv2d(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             weight.contiguous(), padding, stride, dilation, module.groups, list(x.shape)
         ),
     )
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, packed, _detached(module.bias), padding, stride, dilation, module.groups, "none", [], ""
-    )
+    return packed, padding, stride, dilation
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach()
+
+
+def _random_int16(shape: torch.Size) -> torch.Tensor:
+    """Uniform random int16 values (all 65536 equally likely) of `shape`, from numpy's SFC64 generator seeded by one
+    draw from torch's default CPU generator: four values per 64-bit output, about 0.1 ns each."""
+    numel = math.prod(shape)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    raw = np.random.SFC64(seed).random_raw((numel + 3) // 4)  # uint64
+    return torch.from_numpy(raw).view(torch.int16)[:numel].view(shape)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`F.dropout(x, p, training)`, with the cheaper keep mask described in the module docstring for CPU tensors."""
+    if not training or p == 0.0:
+        return x
+    if not (0.0 < p < 1.0) or not _state["enabled"] or x.device.type != "cpu" or not x.is_floating_point():
+        return F.dropout(x, p, training)
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return F.dropout(x, p, training)  # compilers fuse their own dropout
+    drop = round(p * 65536)  # values in [-32768, -32768 + drop) are dropped: P(drop) = drop / 2^16
+    if drop in (0, 65536):
+        return F.dropout(x, p, training)  # p too close to 0 or 1 for 16 bits
+    # The keep mask in x's dtype, scaled by the inverse of the exact keep probability. (A bool mask would be
+    # converted to floats on every use, forward and backward; bool -> float is a slow conversion on the CPU, while
+    # the same bytes read as uint8 convert fast.)
+    keep = (_random_int16(x.shape) >= drop - 32768).view(torch.uint8).to(x.dtype)
+    return x * keep.mul_(65536 / (65536 - drop))

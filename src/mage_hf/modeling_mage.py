@@ -109,11 +109,11 @@ class MageEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = config.hidden_dropout_prob
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         positions = self.position_embeddings.weight[: input_ids.shape[1]]  # (1+L, D)
-        return self.dropout(self.layer_norm(self.word_embeddings(input_ids) + positions))
+        return cpu_kernels.dropout(self.layer_norm(self.word_embeddings(input_ids) + positions), self.dropout, self.training)
 
 
 class MageAttention(nn.Module):
@@ -130,7 +130,7 @@ class MageAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
-        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.proj_dropout = config.hidden_dropout_prob
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, width = x.shape
@@ -140,14 +140,18 @@ class MageAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
         dropout = self.attn_dropout if self.training else 0.0
         weights = None
-        if self.config._attn_implementation == "sdpa" and not output_attentions:
+        # With dropout on the CPU, SDPA falls back to its unfused math path; the explicit one below is the same
+        # computation with the cheaper dropout mask of `cpu_kernels.dropout`.
+        cpu_dropout = dropout > 0 and q.device.type == "cpu" and cpu_kernels.is_enabled()
+        if self.config._attn_implementation == "sdpa" and not output_attentions and not cpu_dropout:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         else:
-            scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # (B, H, N, N) in float32
+            # Scaling q (N x d) rather than the scores (N x N) is the same product, at a quarter of the cost.
+            scores = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # (B, H, N, N) in float32
             weights = scores.softmax(dim=-1)
-            out = F.dropout(weights, p=dropout, training=self.training).to(v.dtype) @ v
+            out = cpu_kernels.dropout(weights, dropout, self.training).to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, N, D)
-        return self.proj_dropout(cpu_kernels.linear(self.proj, out)), weights
+        return cpu_kernels.dropout(cpu_kernels.linear(self.proj, out), self.proj_dropout, self.training), weights
 
 
 class MageMLP(nn.Module):
@@ -156,11 +160,29 @@ class MageMLP(nn.Module):
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = config.hidden_dropout_prob
+        self.exact_gelu = config.hidden_act == "gelu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.act(cpu_kernels.linear(self.fc1, x)))
-        return self.dropout(cpu_kernels.linear(self.fc2, hidden))
+        hidden = cpu_kernels.linear(self.fc1, x)  # (B, N, I)
+        if self.exact_gelu and not _records_grad(hidden):
+            hidden = torch.ops.aten.gelu_(hidden)  # inference: no new (B, N, I) buffer, the same values
+        else:
+            hidden = self.act(hidden)
+        hidden = cpu_kernels.dropout(hidden, self.dropout, self.training)
+        return cpu_kernels.dropout(cpu_kernels.linear(self.fc2, hidden), self.dropout, self.training)
+
+
+def _records_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """`x + branch`. Without autograd the sum is written into `branch` (a fresh block output): on the CPU a new
+    activation per add costs more than the add itself (fresh memory), and `branch + x` is bitwise `x + branch`."""
+    if _records_grad(x) or _records_grad(branch):
+        return x + branch
+    return branch.add_(x)
 
 
 class MageLayer(GradientCheckpointingLayer):
@@ -175,8 +197,8 @@ class MageLayer(GradientCheckpointingLayer):
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_out, weights = self.attn(self.norm1(x), output_attentions=output_attentions)
-        x = x + attn_out
-        return x + self.mlp(self.norm2(x)), weights
+        x = _residual(x, attn_out)
+        return _residual(x, self.mlp(self.norm2(x))), weights
 
 
 class MageTransformer(nn.Module):
@@ -283,9 +305,10 @@ class MageModel(MagePreTrainedModel):
         return self.embeddings.word_embeddings
 
     @torch.no_grad()
-    def tokenize(self, pixel_values: torch.Tensor) -> torch.LongTensor:
-        """Images in [0, 1] `(B, 3, H, W)` -> codebook ids `(B, L)`, row-major."""
-        token_ids = self.vq_model.encode(pixel_values).token_ids  # (B, h, w)
+    def tokenize(self, pixel_values: torch.Tensor, channels_last: bool = False) -> torch.LongTensor:
+        """Images in [0, 1] `(B, 3, H, W)` -> codebook ids `(B, L)`, row-major. `channels_last`: see
+        [`MageVQModel.encode`]."""
+        token_ids = self.vq_model.encode(pixel_values, channels_last=channels_last).token_ids  # (B, h, w)
         return token_ids.flatten(1)  # (B, L)
 
     def check_input_ids(self, input_ids: torch.Tensor, allow_mask: bool = True) -> None:
