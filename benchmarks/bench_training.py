@@ -184,6 +184,15 @@ def main(args) -> str:
     ]
     for row in rows:
         lines.append(f"{row.name}: {1.0 / row.total:.3f} images/s")
+    for name in args.optimizers:
+        for mode in ("pixels", "ids"):
+            ratios = sorted(o / m for o, m in zip(results["original"], results[mode, name]))
+            if ratios:  # each repeat times ours and the original back to back: robust to slow drifts
+                lines.append(
+                    f"speed-up per repeat ({'pixels' if mode == 'pixels' else 'token ids'}, {name} AdamW; original / "
+                    f"ours, back to back): {', '.join(f'{r:.2f}x' for r in ratios)}; median "
+                    f"{ratios[len(ratios) // 2]:.2f}x"
+                )
     report = "\n".join(lines)
     print(report)
     if args.output:
