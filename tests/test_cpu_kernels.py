@@ -129,7 +129,8 @@ def test_inference_in_place_paths_match_the_autograd_path():
     torch.manual_seed(0)
     model = MageForMaskedImageModeling(tiny_config()).eval()
     config = model.config
-    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=generator)
     ids[:, ::3] = config.mask_token_id
     with cpu_kernels.use_packed_kernels(False):
         with torch.no_grad():
@@ -191,7 +192,8 @@ def test_training_forward_is_reproducible_from_the_seed():
     torch.manual_seed(0)
     model = MageForMaskedImageModeling(tiny_config()).train()
     config = model.config
-    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=generator)
     losses = []
     for seed in (7, 7, 8):
         torch.manual_seed(seed)

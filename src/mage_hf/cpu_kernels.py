@@ -42,7 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["clear_cache", "conv2d", "conv2d_add_", "dropout", "is_enabled", "linear", "packed_linear", "set_enabled", "use_packed_kernels"]
+__all__ = [
+    "clear_cache",
+    "conv2d",
+    "conv2d_add_",
+    "dropout",
+    "is_enabled",
+    "linear",
+    "packed_linear",
+    "set_enabled",
+    "use_packed_kernels",
+]
 
 _state = {"enabled": True}
 # module -> {tag: (key, packed weight, weakref to the source weight, sampled values)}. Weak, so that a packed copy
@@ -199,18 +209,21 @@ def conv2d(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def conv2d_add_(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """`module(x) + residual`. On the fast path of [`conv2d`] the sum is oneDNN's fused post-op, written into
     `residual` (no new activation, no separate pass), so `residual` must be a buffer the caller no longer needs."""
+    same_size = module.stride == (1, 1) and all(
+        2 * p == d * (k - 1) for p, d, k in zip(module.padding, module.dilation, module.kernel_size)
+    )  # so the output has the input's height and width
     if not (
         _conv_ok(module, x)
+        and same_size
         and type(residual) is torch.Tensor
         and residual.dtype == x.dtype
+        and residual.shape == (x.shape[0], module.out_channels, *x.shape[2:])
         and residual.is_contiguous(memory_format=torch.channels_last)
         and not (torch.is_grad_enabled() and residual.requires_grad)
         and residual.data_ptr() != x.data_ptr()
     ):
         return module(x).add_(residual)  # a fresh convolution output, so the in-place sum is autograd-safe
     packed, padding, stride, dilation = _packed_conv(module, x)
-    if residual.shape != (x.shape[0], module.out_channels) + residual.shape[2:]:
-        return module(x).add_(residual)
     return torch.ops.mkldnn._convolution_pointwise_.binary(
         residual, x, packed, _detached(module.bias), padding, stride, dilation, module.groups, "add", None, None, [],
         None,

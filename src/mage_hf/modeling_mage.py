@@ -113,7 +113,8 @@ class MageEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         positions = self.position_embeddings.weight[: input_ids.shape[1]]  # (1+L, D)
-        return cpu_kernels.dropout(self.layer_norm(self.word_embeddings(input_ids) + positions), self.dropout, self.training)
+        embeddings = self.layer_norm(self.word_embeddings(input_ids) + positions)  # (B, 1+L, D)
+        return cpu_kernels.dropout(embeddings, self.dropout, self.training)
 
 
 class MageAttention(nn.Module):
