@@ -23,6 +23,17 @@ def _enabled():
         yield
 
 
+def tiny_model_and_ids(seed: int) -> tuple[MageForMaskedImageModeling, torch.LongTensor]:
+    """A tiny MAGE (weights from torch seed 0) and two rows of random codebook ids drawn with `seed`."""
+    torch.manual_seed(0)
+    model = MageForMaskedImageModeling(tiny_config())
+    config = model.config
+    ids = torch.randint(
+        0, config.codebook_size, (2, config.num_image_tokens), generator=torch.Generator().manual_seed(seed)
+    )
+    return model, ids
+
+
 @needs_mkl
 @pytest.mark.parametrize("shape", [(7, 48), (3, 5, 48)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -87,11 +98,9 @@ def test_packed_conv_matches_the_plain_op_on_channels_last_input():
 
 
 def test_model_outputs_do_not_depend_on_the_packed_kernels():
-    torch.manual_seed(0)
-    model = MageForMaskedImageModeling(tiny_config()).eval()
+    model, ids = tiny_model_and_ids(3)
+    model.eval()
     config = model.config
-    generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=generator)
     masked = ids.clone()
     masked[:, ::3] = config.mask_token_id
     grid = config.vq_config.grid_size
@@ -126,12 +135,9 @@ def test_fused_conv_add_matches_conv_then_add_and_writes_into_the_residual():
 def test_inference_in_place_paths_match_the_autograd_path():
     """Without autograd the MLP's GELU and the residual sums are computed in place; with autograd they are not.
     The numbers are the same (the same matmul kernels in both modes: packed ones off)."""
-    torch.manual_seed(0)
-    model = MageForMaskedImageModeling(tiny_config()).eval()
-    config = model.config
-    generator = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=generator)
-    ids[:, ::3] = config.mask_token_id
+    model, ids = tiny_model_and_ids(5)
+    model.eval()
+    ids[:, ::3] = model.config.mask_token_id
     with cpu_kernels.use_packed_kernels(False):
         with torch.no_grad():
             inference = model(input_ids=ids, output_hidden_states=True)
@@ -189,11 +195,8 @@ def test_dropout_identity_and_fallbacks():
 
 
 def test_training_forward_is_reproducible_from_the_seed():
-    torch.manual_seed(0)
-    model = MageForMaskedImageModeling(tiny_config()).train()
-    config = model.config
-    generator = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, config.codebook_size, (2, config.num_image_tokens), generator=generator)
+    model, ids = tiny_model_and_ids(6)
+    model.train()
     losses = []
     for seed in (7, 7, 8):
         torch.manual_seed(seed)
