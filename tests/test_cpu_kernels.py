@@ -47,6 +47,9 @@ def test_packed_linear_matches_the_plain_op(shape, bias):
         torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
         # A different number of rows packs again rather than reusing the wrong packing.
         torch.testing.assert_close(cpu_kernels.linear(layer, x[:2]), layer(x[:2]), rtol=1e-5, atol=1e-5)
+        # pack=False (row counts that change every call) takes the plain op and packs nothing.
+        fresh = nn.Linear(48, 40, bias=bias)
+        assert torch.equal(cpu_kernels.linear(fresh, x, pack=False), fresh(x)) and fresh not in _PACKED
 
 
 @needs_mkl

@@ -143,6 +143,41 @@ def test_inference_forward_scores_masked_ids(images):
     assert explicit.loss is not None  # labels are known from the unmasked ids
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_masked_logits_equal_forward_at_masked_positions(attn):
+    """`masked_logits` (the sampler's cheaper call) gives `forward`'s logits wherever an id is masked, zeros
+    elsewhere: rows from nothing to everything masked, class labels, and identical rows computed once."""
+    torch.manual_seed(0)
+    model = MageForMaskedImageModeling(tiny_config(num_classes=10, attn_implementation=attn)).eval()
+    config = model.config
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.codebook_size, (5, 256), generator=g)
+    fraction = torch.tensor([0.0, 0.02, 0.5, 0.97, 1.0]).unsqueeze(1)
+    masked = torch.rand(5, 256, generator=g) < fraction
+    masked[1, 0] = True  # at least one masked token in the 2% row
+    ids = ids.masked_fill(masked, config.mask_token_id)
+    labels = torch.tensor([3, -1, 0, 9, -1])
+    for class_labels in (None, labels):
+        with torch.no_grad():
+            expected = model(input_ids=ids, class_labels=class_labels).logits
+        logits = model.masked_logits(ids, class_labels=class_labels)
+        assert logits.shape == expected.shape
+        assert (logits - expected)[masked].abs().max() < 1e-5
+        assert not logits[~masked].any()
+    # Identical rows (the first step of unconditional sampling) are computed once and give each row the same logits.
+    all_masked = torch.full((3, 256), config.mask_token_id)
+    logits = model.masked_logits(all_masked)
+    with torch.no_grad():
+        expected = model(input_ids=all_masked).logits
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+    assert (logits - expected).abs().max() < 1e-5
+    # Rows that differ only in their class label are not merged.
+    logits = model.masked_logits(all_masked, class_labels=torch.tensor([1, 1, 2]))
+    assert torch.equal(logits[0], logits[1]) and not torch.allclose(logits[0], logits[2])
+    with pytest.raises(ValueError, match="input_ids must be codebook ids"):
+        model.masked_logits(torch.full((1, 256), config.vocab_size))
+
+
 def test_overfits_a_fixed_batch(images):
     """With a fixed image and mask the model can memorise the masked ids: the loss must fall well below the ~ln(16)
     of a uniform guess. (Learning is slowish: the MLM scores against the detached, small-norm token embeddings.)"""

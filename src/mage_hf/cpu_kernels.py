@@ -158,12 +158,16 @@ def packed_linear(
     owner: nn.Module,
     tag: str,
     source: torch.Tensor | None = None,
+    pack: bool = True,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; on the CPU without autograd, MKL's sgemm on a copy of `weight` packed once per
     number of rows and kept for `owner` under `tag`. `source` is the parameter `weight` is taken from when it is a
-    view or a detached copy made for this call (it tells whether the packed copy is still current)."""
+    view or a detached copy made for this call (it tells whether the packed copy is still current). `pack=False`
+    is for inputs whose number of rows changes from call to call: a copy packed for one number does not serve
+    another, and re-packing on every call costs more than it saves (mostly in fresh memory), so they take the plain
+    op."""
     rows = x.numel() // x.shape[-1] if x.ndim >= 2 else 0
-    if not (_HAS_MKL_LINEAR and rows > 0 and _tensors_ok(x, weight, bias)):
+    if not (pack and _HAS_MKL_LINEAR and rows > 0 and _tensors_ok(x, weight, bias)):
         return F.linear(x, weight, bias)
     source = weight if source is None else source
     weight = weight.detach()
@@ -175,9 +179,10 @@ def packed_linear(
     return torch.ops.mkl._mkl_linear(x, packed, weight, _detached(bias), rows)
 
 
-def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, through [`packed_linear`] when the module is a plain, hook-free `nn.Linear`."""
-    if not _module_ok(module, nn.Linear):
+def linear(module: nn.Linear, x: torch.Tensor, pack: bool = True) -> torch.Tensor:
+    """`module(x)`, through [`packed_linear`] when the module is a plain, hook-free `nn.Linear` (and `pack`: see
+    there)."""
+    if not (pack and _module_ok(module, nn.Linear)):
         return module(x)
     return packed_linear(x, module.weight, module.bias, module, "weight")
 

@@ -315,16 +315,18 @@ class MageGenerationPipeline(DiffusionPipeline):
         return labels.to(self._execution_device)
 
     def predict_logits(self, token_ids: torch.LongTensor, class_labels, guidance_scale: float) -> torch.Tensor:
-        """Logits over the codebook `(B, L, K)` for the current ids, with classifier-free guidance when asked."""
+        """Logits over the codebook `(B, L, K)` at the masked positions of `token_ids` (zero elsewhere: the scheduler
+        reads only those), with classifier-free guidance when asked. See
+        [`MageForMaskedImageModeling.masked_logits`]."""
         if class_labels is None:
-            return self.model(input_ids=token_ids, return_dict=True).logits
+            return self.model.masked_logits(token_ids)
         if guidance_scale > 1.0:
             # One batched pass: the conditional rows, then the same ids with the unconditional (fake) label.
             ids = torch.cat([token_ids, token_ids])
             labels = torch.cat([class_labels, torch.full_like(class_labels, -1)])
-            cond, uncond = self.model(input_ids=ids, class_labels=labels, return_dict=True).logits.float().chunk(2)
+            cond, uncond = self.model.masked_logits(ids, class_labels=labels).float().chunk(2)
             return uncond + guidance_scale * (cond - uncond)
-        return self.model(input_ids=token_ids, class_labels=class_labels, return_dict=True).logits
+        return self.model.masked_logits(token_ids, class_labels=class_labels)
 
     def denoise(
         self,
