@@ -37,6 +37,8 @@ __all__ = [
     "prepare_mask",
     "token_mask_from_pixels",
     "make_outpaint_inputs",
+    "center_square",
+    "token_mask_overlay",
 ]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -214,6 +216,29 @@ def make_outpaint_inputs(image: torch.Tensor, direction: str, amount: float) -> 
         mask.fill_(1)
         mask[..., top : top + inner, top : top + inner] = 0
     return window, mask
+
+
+def center_square(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The largest centred square of `image` (the model works on squares); square images are returned as they are."""
+    side = min(image.size)
+    if image.width == image.height:
+        return image
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def token_mask_overlay(image: PIL.Image.Image, token_mask: torch.Tensor) -> PIL.Image.Image:
+    """`image` (square) with the cells of `token_mask` `(h, w)` (e.g. [`MagePipelineOutput.token_mask`]) tinted
+    red: the tokens the model was asked to generate."""
+    cells = token_mask.detach().cpu().numpy().astype(np.float32)  # (h, w)
+    image = image.convert("RGB")
+    if image.width != image.height:
+        raise ValueError(f"token_mask_overlay needs a square image, got {image.width}x{image.height}.")
+    mask = PIL.Image.fromarray((cells * 255).astype(np.uint8)).resize(image.size, PIL.Image.NEAREST)
+    tint = np.asarray(mask, dtype=np.float32)[..., None] / 255.0 * 0.5  # (S, S, 1): half-way to red on the cells
+    base = np.asarray(image, dtype=np.float32)
+    tinted = base * (1 - tint) + np.array([255.0, 0.0, 0.0]) * tint
+    return PIL.Image.fromarray(tinted.clip(0, 255).astype(np.uint8))
 
 
 class MageGenerationPipeline(DiffusionPipeline):
