@@ -142,7 +142,7 @@ def test_every_key_is_accounted_for(tmp_path):
     assert report.mapped + len(report.unused) == len(ckpt["model"])
     assert report.max_abs_diff == 0.0
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert files == ["config.json", "conversion.json", "model.safetensors", "preprocessor_config.json"]
 
 
 def test_separate_vqgan_file(tmp_path):

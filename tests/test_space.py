@@ -190,6 +190,15 @@ def test_no_model_configured_is_a_clear_error(monkeypatch):
         gradio_app.default_model()
 
 
+def test_mage_hf_demo_runs_the_app(monkeypatch):
+    from mage_hf import cli, gradio_app
+
+    seen = []
+    monkeypatch.setattr(gradio_app, "main", seen.append)
+    assert cli.main(["demo", "--model", "org/name", "--port", "7999"]) == 0
+    assert seen == [["--host", "127.0.0.1", "--port", "7999", "--model", "org/name"]]
+
+
 # ------------------------------------------------------------------------------------------- the served app (server)
 
 

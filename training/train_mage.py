@@ -429,7 +429,8 @@ def main(args):
         processor = MageImageProcessor(size={"shortest_edge": resolution}, crop_size=crop)
         processor.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            # Never the Hub token: this file is uploaded with the model.
+            json.dump({k: v for k, v in vars(args).items() if k != "hub_token"}, f, indent=2)
         write_model_card(args.output_dir, args.hub_model_id if args.push_to_hub else None, vars(args),
                          float(loss.detach()) if loss is not None else None)
         if args.push_to_hub:

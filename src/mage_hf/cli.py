@@ -1,5 +1,5 @@
 # Copyright 2026 The mage-hf authors. MIT licence.
-"""The `mage-hf` command line: `convert`, `features`, `generate`, `inpaint` and `outpaint`."""
+"""The `mage-hf` command line: `convert`, `push`, `features`, `generate`, `inpaint`, `outpaint` and `demo`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,30 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .publishing import format_report, publish
+
+    result = publish(
+        args.folder,
+        args.repo_id,
+        dry_run=args.dry_run,
+        output=args.output,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        license=args.license,
+        samples=args.samples,
+        steps=args.steps,
+        seed=args.seed,
+        token=args.token,
+        space=args.space,
+        model=args.model,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    print(format_report(result))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- generation commands
 
 
@@ -112,12 +136,12 @@ def _open_square(path: str, what: str):
         image.load()
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: cannot read {path} as an image ({what}): {err}") from None
-    side = min(image.size)
+    from .pipeline_mage import center_square
+
     if image.width != image.height:
-        left, top = (image.width - side) // 2, (image.height - side) // 2
+        side = min(image.size)
         print(f"note: {path} is {image.width}x{image.height}; using its centre {side}x{side} square.", file=sys.stderr)
-        image = image.crop((left, top, left + side, top + side))
-    return image
+    return center_square(image)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -139,23 +163,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_overlay(image, token_mask):
-    """The input with the generated token cells tinted red: what the model was asked to fill."""
-    import numpy as np
-    from PIL import Image
-
-    cells = token_mask.cpu().numpy().astype(np.uint8)  # (h, w)
-    scale = image.width // cells.shape[1]
-    mask = np.kron(cells, np.ones((scale, scale), dtype=np.uint8))[..., None]
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    tinted = base * (1 - 0.5 * mask) + np.array([255.0, 0, 0]) * 0.5 * mask
-    return Image.fromarray(tinted.clip(0, 255).astype(np.uint8))
-
-
 def _inpaint(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .pipeline_mage import MageInpaintPipeline
+    from .pipeline_mage import MageInpaintPipeline, token_mask_overlay
 
     pipe = _load_pipeline(args, MageInpaintPipeline)
     image = _open_square(args.image, "--image").convert("RGB")
@@ -188,7 +199,7 @@ def _inpaint(args: argparse.Namespace) -> int:
             paste_back=args.paste_back,
         )
         results += out.images
-        overlay = _token_overlay(image.resize(results[0].size), out.token_mask[0])
+        overlay = token_mask_overlay(image.resize(results[0].size), out.token_mask[0])
     _write_images(results, Path(args.output), "inpaint_", extra=(image.resize(results[0].size), overlay))
     return 0
 
@@ -225,6 +236,19 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, num_images: int) ->
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
 
 
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from .gradio_app import main as run_app
+    except ImportError as err:
+        raise SystemExit(f"error: the demo app needs Gradio: pip install 'mage-hf[space]' ({err})") from None
+    argv = ["--host", args.host, "--port", str(args.port)]
+    for flag in ("model", "classifier", "device"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    run_app(argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mage-hf", description="MAGE in the Hugging Face ecosystem.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--num-heads", type=int, help="encoder heads (only for shapes other than ViT-B/L)")
     convert.add_argument("--decoder-num-heads", type=int, help="decoder heads (only for shapes other than ViT-B/L)")
     convert.set_defaults(func=_convert)
+
+    push = commands.add_parser("push", help="publish a folder (or the demo Space) to the Hub, with a model card")
+    push.add_argument("--folder", required=True, help="a pipeline or MAGE model folder (--space: the Space folder)")
+    push.add_argument("--repo-id", required=True, help="the Hub repo to publish to, ORG/NAME")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="upload to this branch (created when missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--dry-run", action="store_true", help="write and check the staging folder, upload nothing")
+    push.add_argument("--output", help="the staging folder (default: <folder>-hub beside the folder)")
+    push.add_argument("--license", help="Hub licence id for the card (default: mit; other for MAGE's own weights)")
+    push.add_argument("--samples", type=int, default=8, help="images in the card's samples.png (0: none)")
+    push.add_argument("--steps", type=int, default=12, help="decoding steps for the samples")
+    push.add_argument("--seed", type=int, default=0, help="sample n uses seed + n")
+    push.add_argument("--space", action="store_true", help="publish the Gradio Space folder instead of a model")
+    push.add_argument("--model", help="with --space: the Hub model the Space serves (sets MAGE_MODEL)")
+    push.add_argument("--token", help="Hub token (default: the one `hf auth login` saved)")
+    push.set_defaults(func=_push)
 
     features = commands.add_parser("features", help="extract MAGE features from images")
     features.add_argument("--model", required=True, help="a converted folder or Hub repo id")
@@ -265,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     outpaint.add_argument("--direction", choices=["left", "right", "up", "down", "uncrop"], default="right")
     outpaint.add_argument("--amount", type=float, default=0.25, help="fraction of the image size to add (0-1)")
     outpaint.set_defaults(func=_outpaint)
+
+    demo = commands.add_parser("demo", help="run the Gradio demo app (the Space in space/) locally")
+    demo.add_argument("--model", help="pipeline/model folder or Hub repo id (default: $MAGE_MODEL)")
+    demo.add_argument("--classifier", help="a MageForImageClassification folder for the Understand tab")
+    demo.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.set_defaults(func=_demo)
     return parser
 
 

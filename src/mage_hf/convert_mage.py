@@ -29,7 +29,14 @@ import torch
 
 from .configuration_mage import NUM_CLASS_SLOTS, MageConfig, MageVQConfig
 
-__all__ = ["CheckpointError", "ConversionReport", "convert_checkpoint", "load_original_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "ConversionReport",
+    "convert_checkpoint",
+    "file_sha256",
+    "load_original_checkpoint",
+    "write_conversion_record",
+]
 
 KINDS = ("pretrain", "finetune", "vqgan")
 
@@ -295,6 +302,43 @@ def _probe(model, kind: str, generator: torch.Generator) -> torch.Tensor:
     return model(input_ids=ids).logits
 
 
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_conversion_record(output_dir: str | Path, checkpoint: str | Path, kind: str, mapped: int,
+                            max_abs_diff: float, vqgan: str | Path | None = None) -> Path:
+    """Write `conversion.json` into a converted folder: where its weights came from (the checkpoint's file name and
+    SHA-256, and the separate tokenizer's when one was given), the kind, and the mage-hf version that converted it.
+    `mage-hf push` reads it for the model card's provenance and licence."""
+    import json
+
+    from . import __version__
+
+    record = {
+        "source": "conversion",
+        "checkpoint": Path(checkpoint).name,
+        "sha256": file_sha256(checkpoint),
+        "kind": kind,
+        "mage_hf_version": __version__,
+        "max_abs_diff": float(max_abs_diff),
+        "mapped_tensors": int(mapped),
+    }
+    if vqgan is not None and kind != "vqgan":
+        record["vqgan_checkpoint"] = Path(vqgan).name
+        record["vqgan_sha256"] = file_sha256(vqgan)
+    path = Path(output_dir) / "conversion.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
 def convert_checkpoint(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -307,7 +351,8 @@ def convert_checkpoint(
     """Convert one original checkpoint into a `from_pretrained` folder at `output_dir` and return a report.
 
     The converted weights are checked to equal the source tensors exactly, the model is run once, the folder is
-    written as safetensors (with the image processor's config), reloaded, and run again to check the numbers agree.
+    written as safetensors (with the image processor's config), reloaded, and run again to check the numbers agree;
+    then `conversion.json` records the source checkpoint's name and SHA-256 ([`write_conversion_record`]).
     """
     from .image_processing_mage import MageImageProcessor
 
@@ -380,6 +425,7 @@ def convert_checkpoint(
     again = _probe(reloaded, kind, torch.Generator().manual_seed(0))
     if not torch.equal(probe, again):
         raise CheckpointError(f"The folder written to {output_dir} does not reload to the same numbers.")
+    write_conversion_record(output_dir, checkpoint, kind, mapped=len(converted), max_abs_diff=max_diff, vqgan=vqgan)
     return ConversionReport(
         kind=kind, mapped=len(converted), unused=unused, max_abs_diff=max_diff, seconds=time.perf_counter() - start
     )

@@ -379,26 +379,26 @@ def _gradio_errors(fn):
     return wrapped
 
 
-def _checked_upload(component_cls):
-    """`component_cls` (a Gradio image component) whose unreadable uploads are refused with a clear message instead of
-    a generic server error. (A template component: the browser shows the parent component.)"""
+def _checked_upload(component):
+    """`component` (a Gradio image component), refusing unreadable uploads with a clear message instead of a
+    generic server error. (Its `preprocess` is wrapped on the instance: a subclass would make Gradio write a `.pyi`
+    stub next to this module.)"""
     import gradio as gr
 
-    class CheckedUpload(component_cls):
-        is_template = True
+    preprocess = component.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
-                raise gr.Error(
-                    f"The uploaded file is not an image this app can read ({type(error).__name__}). "
-                    "Upload a PNG, JPEG or WebP image.",
-                    title="Cannot read the upload",
-                ) from error
+    def checked_preprocess(payload):
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
+            raise gr.Error(
+                f"The uploaded file is not an image this app can read ({type(error).__name__}). "
+                "Upload a PNG, JPEG or WebP image.",
+                title="Cannot read the upload",
+            ) from error
 
-    CheckedUpload.__name__ = f"Checked{component_cls.__name__}"
-    return CheckedUpload
+    component.preprocess = checked_preprocess
+    return component
 
 
 def build_demo(models: DemoModels):
@@ -478,12 +478,12 @@ def build_demo(models: DemoModels):
         with gr.Tab("Inpaint / Outpaint"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    editor = _checked_upload(gr.ImageEditor)(
+                    editor = _checked_upload(gr.ImageEditor(
                         # RGBA: the brush layer's alpha is the mask (in RGB mode Gradio drops it).
                         type="pil", image_mode="RGBA", label="Image: brush the area to regenerate",
                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
                         sources=["upload", "clipboard"], elem_id="inpaint-editor",
-                    )
+                    ))
                     preset = gr.Radio(list(MASK_PRESETS), value="brush", label="Mask")
                     paint_steps = gr.Slider(1, LIMITS.max_steps, value=20, step=1, label="Steps")
                     paint_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
@@ -511,7 +511,7 @@ def build_demo(models: DemoModels):
         with gr.Tab("Understand"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    query = _checked_upload(gr.Image)(type="filepath", label="Image", elem_id="understand-image")
+                    query = _checked_upload(gr.Image(type="filepath", label="Image", elem_id="understand-image"))
                     understand_button = gr.Button("Understand", variant="primary", elem_id="understand-button")
                 with gr.Column(scale=1):
                     label = gr.Label(num_top_classes=5, label="Top classes", visible=models.classifier is not None)

@@ -543,23 +543,34 @@ def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image
 
 def check_hub_access(hub_model_id: str | None, token: str | None = None) -> str:
     """Fail fast (before any training) when `--push_to_hub` cannot work: no repo id, offline mode, the Hub
-    unreachable, or no valid token. Creates the repo if needed; returns its id."""
-    from huggingface_hub import constants, create_repo, whoami
+    unreachable, or no valid token (the same check as `mage-hf push`, `publishing.require_hub_access`). Creates the
+    repo if needed; returns its id."""
+    from huggingface_hub import HfApi
+
+    from .publishing import HubAccessError, require_hub_access
 
     if not hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id your-name/mage-emoji.")
-    if constants.HF_HUB_OFFLINE:
-        raise RuntimeError(
-            "--push_to_hub was given but HF_HUB_OFFLINE is set, so nothing can be uploaded. Unset HF_HUB_OFFLINE, or "
-            "drop --push_to_hub and upload the output folder later with `hf upload`."
-        )
+    api = HfApi(token=token)
     try:
-        whoami(token=token)
-        return create_repo(hub_model_id, token=token, exist_ok=True).repo_id
-    except Exception as error:  # connection errors, 401s, ...: all mean the upload at the end would fail
+        require_hub_access(token, api)
+    except HubAccessError as error:
+        if error.offline:
+            raise RuntimeError(
+                "--push_to_hub was given but HF_HUB_OFFLINE is set, so nothing can be uploaded. Unset HF_HUB_OFFLINE, "
+                "or drop --push_to_hub and publish the output folder later with `mage-hf push`."
+            ) from None
+        cause = error.__cause__ or error
         raise RuntimeError(
-            f"--push_to_hub: cannot reach the Hugging Face Hub or use repo {hub_model_id!r} ({type(error).__name__}: "
-            f"{error}). Check the network and log in with `hf auth login` (or pass --hub_token), or drop --push_to_hub."
+            f"--push_to_hub: cannot reach the Hugging Face Hub or use its token ({type(cause).__name__}: {cause}). "
+            "Check the network and log in with `hf auth login` (or pass --hub_token), or drop --push_to_hub."
+        ) from error
+    try:
+        return api.create_repo(hub_model_id, exist_ok=True).repo_id
+    except Exception as error:  # 403s, a name taken by someone else, ...: the upload at the end would fail
+        raise RuntimeError(
+            f"--push_to_hub: cannot create or use repo {hub_model_id!r} ({type(error).__name__}: {error}). Pass a "
+            "--hub_model_id you can write to, or drop --push_to_hub."
         ) from error
 
 
@@ -704,46 +715,13 @@ def masked_reconstruction_grid(model, pixel_values: torch.Tensor, mask_ratio: fl
 
 
 def write_model_card(output_dir: str, repo_id: str | None, args: dict, final_loss: float | None) -> str:
-    """A README.md (model card) for a trained MAGE folder, listing how it was trained."""
-    dataset = args.get("dataset_name") or args.get("train_data_dir")
-    conditional = bool(args.get("class_column"))
-    lines = [
-        "---",
-        "library_name: transformers",
-        "license: mit",
-        "tags:",
-        "- mage",
-        "- masked-image-modeling",
-        "- image-generation",
-        "- mage-hf",
-        *([f"datasets:\n- {dataset}"] if args.get("dataset_name") and not os.path.isdir(str(dataset)) else []),
-        "---",
-        "",
-        f"# {repo_id or os.path.basename(os.path.abspath(output_dir))}",
-        "",
-        "A MAGE (MAsked Generative Encoder, Li et al., CVPR 2023) model trained with mage-hf's "
-        f"`training/train_mage.py` on `{dataset}`" + (" (class-conditional)" if conditional else "") + ".",
-        "",
-        "```python",
-        "import mage_hf",
-        "from mage_hf import MageForMaskedImageModeling",
-        "",
-        f'model = MageForMaskedImageModeling.from_pretrained("{repo_id or output_dir}")',
-        "```",
-        "",
-        "## Training",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
-    ]
-    for key in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
-                "blr", "weight_decay", "max_grad_norm", "mixed_precision", "contrastive_weight", "class_dropout_prob",
-                "precompute_tokens", "seed"):
-        if key in args and args[key] is not None:
-            lines.append(f"| {key} | {args[key]} |")
-    if final_loss is not None:
-        lines += ["", f"Final training loss: {final_loss:.4f}."]
+    """Write the model card (README.md) of a trained MAGE folder, listing how it was trained; return its path.
+
+    It is built by `mage_hf.publishing.build_model_card` (the card `mage-hf push` writes) from `args` and the files
+    already in `output_dir`, without loading the weights. Without `repo_id` its snippets load `output_dir`."""
+    from .publishing import build_model_card, training_folder_info
+
+    info = training_folder_info(output_dir, training_args=args, final_loss=final_loss)
     path = os.path.join(output_dir, "README.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    build_model_card(info, repo_id).save(path)
     return path
