@@ -401,3 +401,17 @@ def test_browser_bad_upload_shows_the_error(page, tmp_path):
     page.click("#understand-button")
     page.get_by_text("not an image this app can read").first.wait_for(timeout=60_000)
     _screenshot(page, "bad-upload")
+
+
+def test_browser_clicking_an_example_runs_it(page):
+    page.get_by_role("tab", name="Understand").click()
+    # The Understand tab's examples are the gallery photos; a click fills the input and shows the (cached) result.
+    page.locator(".gallery-item, button.gallery-item, [data-testid='examples'] img").first.click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#understand-gallery img')].filter(e => e.complete && e.naturalWidth > 0)"
+        ".length >= 4",
+        timeout=120_000,
+    )
+    captions = page.locator("#understand-gallery").inner_text()
+    assert "cosine 1.000" in captions  # the photo itself is its own nearest neighbour
+    _screenshot(page, "understand-example")
