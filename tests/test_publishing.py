@@ -139,6 +139,7 @@ def test_dry_run_pipeline_folder(folders, tmp_path, capsys):
     (source / "training_args.json").write_text(json.dumps({
         "dataset_name": "someone/emoji-dataset", "pretrained_model": "someone/mage-base", "learning_rate": 1e-3,
         "train_batch_size": 8, "seed": 3, "hub_token": "hf_secret_value", "output_dir": "/home/me/run",
+        "precompute_tokens": True,
     }))
 
     assert push("--folder", source, "--repo-id", REPO, "--dry-run", "--steps", 2) == 0
@@ -151,7 +152,8 @@ def test_dry_run_pipeline_folder(folders, tmp_path, capsys):
     assert files == sorted([".mage-hf-staging", "README.md", "model/config.json", "model/model.safetensors",
                             "model_index.json", "samples.png", "scheduler/scheduler_config.json",
                             "training_args.json"])
-    assert "hub_token" not in json.loads((staging / "training_args.json").read_text())  # the secret is dropped
+    staged_args = json.loads((staging / "training_args.json").read_text())
+    assert "hub_token" not in staged_args and staged_args["precompute_tokens"] is True  # only the secret is dropped
 
     card = load_card(staging)
     data = card.data

@@ -84,7 +84,8 @@ TRAINING_TABLE_KEYS = (
 )
 # training_args.json keys that name the model a run continued from (train_mage: --pretrained_model).
 BASE_MODEL_KEYS = ("pretrained_model", "pretrained_model_name_or_path", "model_name_or_path")
-SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
+# Argument names that hold credentials (`hub_token`, `token`, `api_key`, ...), not ones like `precompute_tokens`.
+SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|api_key)$", re.IGNORECASE)
 
 
 class PublishError(ValueError):
