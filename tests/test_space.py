@@ -53,7 +53,7 @@ def _importable(name: str) -> bool:
 
 require("gradio", _importable("gradio"))
 
-from mage_hf.gradio_app import LIMITS, Handlers, InputError, load_models
+from mage_hf.gradio_app import LIMITS, Handlers, InputError, build_demo, load_models
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,28 @@ def test_generate_is_seeded_per_image_and_limited(handlers):
             handlers.generate(count, steps, 4.5, seed)
     # An unconditional model has no Class control: whatever comes in for it is ignored.
     assert handlers._class_labels("3: cat", 2.0, 1) == (None, 1.0)
+
+
+def test_class_conditional_models_get_class_and_guidance(tmp_path):
+    torch.manual_seed(0)
+    model = MageForMaskedImageModeling(tiny_config(num_classes=4)).eval()
+    MageGenerationPipeline(model=model, scheduler=MageScheduler.from_model_config(model.config)).save_pretrained(
+        tmp_path / "conditional"
+    )
+    handlers = Handlers(load_models(str(tmp_path / "conditional"), device="cpu"))
+    assert handlers._class_labels("2: LABEL_2", 3.0, 2) == ([2, 2], 3.0)
+    assert handlers._class_labels("unconditional", 3.0, 2) == (None, 1.0)
+    a = handlers.generate(2, STEPS, 4.5, 0, "2: LABEL_2", 3.0)
+    b = handlers.generate(2, STEPS, 4.5, 0, "3: LABEL_3", 3.0)
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(b[0]))  # the class changes the image
+    for label, guidance, message in [("7", 3.0, "Class label must be between 0 and 3"),
+                                     ("1", 50.0, "Guidance must be between 1 and 20")]:
+        with pytest.raises(InputError, match=message):
+            handlers.generate(1, STEPS, 4.5, 0, label, guidance)
+    # The UI shows the Class and Guidance controls for this model.
+    demo = build_demo(handlers.models)
+    labels = {getattr(block, "label", None): block for block in demo.blocks.values()}
+    assert labels["Class"].visible and labels["Guidance"].visible
 
 
 def test_inpaint_regenerates_the_brushed_cells_and_keeps_the_rest(handlers, photo):
