@@ -12,7 +12,7 @@ CHECKPOINT ?= ../shared/golden/mage-tiny/mage_pretrain.pth
 CONVERT_FLAGS ?= --num-heads 2 --decoder-num-heads 4
 OUTPUT ?= outputs
 
-.PHONY: install demo test test-fast test-slow test-eval clean
+.PHONY: install demo demo-model test test-fast test-slow test-eval clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 	@test -f "$(CHECKPOINT)" || { echo "No checkpoint at $(CHECKPOINT): run make demo CHECKPOINT=path/to/mage-vitb-1600.pth CONVERT_FLAGS="; exit 2; }
 	$(VENV)/bin/mage-hf convert --checkpoint "$(CHECKPOINT)" --output "$(OUTPUT)/mage-hf-model" $(CONVERT_FLAGS)
 	$(PY) -m mage_hf.demo --model "$(OUTPUT)/mage-hf-model" --output "$(OUTPUT)"
+
+# Rebuild the embedded demo model from scratch (about an hour and a half on 2 CPU cores; see training/recipes/emoji).
+demo-model: install
+	bash training/recipes/emoji/train.sh $(OUTPUT)/emoji-recipe
 
 # The whole suite: the default selection, the real-size (slow) checks, then the FID/IS (eval) checks.
 test: install
