@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -38,11 +37,10 @@ from mage_hf import (
     MageScheduler,
     MageVQModel,
 )
-from mage_hf.publishing import build_model_card, inspect_folder
+from mage_hf.publishing import SECRET_KEY, build_model_card, inspect_folder
 from mage_hf.training_utils import center_crop_resize, keyed_generator, weights_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-SECRET_ARG = re.compile(r"(^|_)(token|secret|password|api_key)$", re.IGNORECASE)  # e.g. hub_token
 ATTRIBUTION = (
     "The images are Google's [Noto Emoji](https://github.com/googlefonts/noto-emoji) (Apache-2.0), as packaged at "
     "64 px by [emoji-datasource-google](https://www.npmjs.com/package/emoji-datasource-google) 16.0.0 (MIT) by Cal "
@@ -225,7 +223,7 @@ def write_pipeline(model, args, metrics: dict, output: Path) -> Path:
     scheduler = MageScheduler.from_model_config(model.config, choice_temperature=args.choice_temperature)
     MageGenerationPipeline(model=model, scheduler=scheduler).save_pretrained(folder)
     training_args = json.loads((Path(args.mage) / "training_args.json").read_text())
-    training_args = {k: v for k, v in training_args.items() if not SECRET_ARG.search(k)}
+    training_args = {k: v for k, v in training_args.items() if not SECRET_KEY.search(k)}
     if any(isinstance(v, str) and v.startswith("hf_") for v in training_args.values()):
         raise SystemExit("training_args.json holds what looks like a Hub token; not copying it.")
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=2) + "\n")
