@@ -162,6 +162,24 @@ def test_lars_step_matches_its_definition():
     torch.testing.assert_close(bias.detach(), b)
 
 
+def test_lars_reach_bounds_how_far_the_head_can_move():
+    """`lars_reach` is the bound behind train_classifier.py's warning. With a constant gradient (momentum builds up
+    fully, the worst case) LARS's weight moves by nearly, but never more than, `exp(reach) - 1` times its norm."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(9, 192) * 0.01)
+    grad = torch.randn(9, 192)
+    w0 = weight.detach().clone()
+    lr, steps = 0.0125, 330  # the emoji recipe's first probe: batch 32 at MAGE's blr 0.1
+    opt = LARS([weight], lr=lr, momentum=0.9)
+    for _ in range(steps):
+        weight.grad = grad.clone()
+        opt.step()
+    reach = train_classifier.lars_reach(lr, steps, 0.9, 1e-3)
+    moved = ((weight.detach() - w0).norm() / w0.norm()).item()
+    assert reach == pytest.approx(0.04125)
+    assert 0.5 * reach < moved <= torch.tensor(reach).exp().item() - 1.0
+
+
 def test_layer_decay_groups():
     model = MageForImageClassification(tiny_mage_config(use_mean_pooling=True, num_labels=3))
     groups = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.5)
@@ -231,10 +249,11 @@ def _pipeline_accuracy(folder: Path, images, labels) -> float:
     return 100.0 * sum(p[0]["label"] == n for p, n in zip(predictions, names)) / len(labels)
 
 
-def test_linear_probe_end_to_end(pretrain_folder, digits, tmp_path):
+def test_linear_probe_end_to_end(pretrain_folder, digits, tmp_path, caplog):
     import datasets
 
     out = tmp_path / "probe"
+    caplog.set_level("WARNING", logger="train_classifier")
     results = run(
         pretrain_folder,
         digits["datasets"],
@@ -249,6 +268,8 @@ def test_linear_probe_end_to_end(pretrain_folder, digits, tmp_path):
         "2.0",
     )
     assert results["mode"] == "linear_probe" and results["num_validation_images"] == 30
+    # lr 2.0 * 16 / 256 over 12 steps is far too little for LARS to move the head: the script says so.
+    assert any("can change the head's weights by at most" in r.getMessage() for r in caplog.records)
     model = MageForImageClassification.from_pretrained(out)
     assert model.config.use_mean_pooling and model.config.num_labels == 10
     assert model.config.id2label == {i: str(i) for i in range(10)}  # the ClassLabel names

@@ -271,6 +271,13 @@ def evaluate(accelerator, model: nn.Module, loader) -> float:
     return 100.0 * correct / max(total, 1)
 
 
+def lars_reach(lr: float, steps: int, momentum: float, trust_coefficient: float) -> float:
+    """An upper bound, in units of ||w||, on how far LARS can move a weight matrix in `steps` steps: each update is
+    scaled to `trust_coefficient * ||w||`, momentum amplifies it by at most `1 / (1 - momentum)`, and the schedule
+    never exceeds `lr`. Below 1 the head cannot leave the neighbourhood of its N(0, 0.01) initialisation."""
+    return lr * trust_coefficient * steps / (1.0 - momentum)
+
+
 def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -316,6 +323,15 @@ def main(args: argparse.Namespace) -> dict:
         group.pop("names", None)
     if args.optimizer == "lars":
         optimizer = LARS(groups, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum)
+        reach = lars_reach(lr, max_steps, args.momentum, optimizer.defaults["trust_coefficient"])
+        if reach < 1.0:
+            logger.warning(
+                "LARS with lr %.4g over %d steps can change the head's weights by at most about %.3g times their own "
+                "norm (lr x trust coefficient x steps / (1 - momentum)), so the head will barely train and is likely "
+                "to predict the most frequent class. MAGE's recipe reaches ~450 with its batch of 16384 (lr 6.4). "
+                "Give a larger --learning_rate (e.g. %.3g), more epochs, or --optimizer adamw.",
+                lr, max_steps, reach, lr * 100.0 / max(reach, 1e-12),
+            )
     elif args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:  # fine-tuning groups carry their own weight decay (none on biases and norms)

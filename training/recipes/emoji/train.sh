@@ -12,7 +12,7 @@ ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
 WORK=${1:-outputs/emoji-recipe}
 SEED=0
 VQ_STEPS=${VQ_STEPS:-1500}
-MAGE_STEPS=${MAGE_STEPS:-6000}
+MAGE_STEPS=${MAGE_STEPS:-5000}
 mkdir -p "$WORK"
 
 # 1. Data: 3,781 Noto emoji (Apache-2.0) from the npm registry, 9 categories, 10% of the emoji held out with their
@@ -41,9 +41,9 @@ JSON
 "$ACCELERATE" launch --num_processes 1 training/train_mage.py --dataset_name "$WORK/data" --class_column label \
     --config "$WORK/mage-config.json" --vq_model "$WORK/vq" --min_crop_scale 0.8 --precompute_tokens \
     --precompute_views 8 --train_batch_size 64 --max_train_steps $MAGE_STEPS --learning_rate 1e-3 \
-    --lr_warmup_steps 300 --class_dropout_prob 0.1 --checkpointing_steps 2000 --checkpoints_total_limit 1 \
-    --validation_steps 2000 --report_to none --seed $SEED --output_dir "$WORK/mage"
+    --lr_warmup_steps 250 --class_dropout_prob 0.1 --checkpointing_steps 1000 --checkpoints_total_limit 1 \
+    --validation_steps 1000 --report_to none --seed $SEED --output_dir "$WORK/mage"
 
 # 4. Evaluation for the model card, and the pipeline folder that is shipped in src/mage_hf/data/demo-model.
 "$PY" training/recipes/emoji/evaluate.py --data "$WORK/data" --vq "$WORK/vq" --mage "$WORK/mage" \
-    --output "$WORK/eval" --seed $SEED --probe_epochs ${PROBE_EPOCHS:-5}
+    --output "$WORK/eval" --seed $SEED --probe_epochs ${PROBE_EPOCHS:-20}
