@@ -6,10 +6,6 @@ PY := $(VENV)/bin/python
 # build. The constraints file keeps later installs from replacing it.
 CONSTRAINTS ?= constraints-cpu.txt
 
-# The demo converts this checkpoint. The default is the small original-layout model next to the repo (the golden
-# test data); for the real thing: make demo CHECKPOINT=mage-vitb-1600.pth CONVERT_FLAGS=
-CHECKPOINT ?= ../shared/golden/mage-tiny/mage_pretrain.pth
-CONVERT_FLAGS ?= --num-heads 2 --decoder-num-heads 4
 OUTPUT ?= outputs
 
 .PHONY: install demo demo-model test test-fast test-slow test-eval clean
@@ -23,10 +19,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 install: $(VENV)/.installed
 
+# The main job, offline: generate, inpaint and outpaint with the embedded demo model (trained by
+# training/recipes/emoji); pictures in $(OUTPUT)/. Any other pipeline folder or Hub repo id: make demo MODEL=...
 demo: install
-	@test -f "$(CHECKPOINT)" || { echo "No checkpoint at $(CHECKPOINT): run make demo CHECKPOINT=path/to/mage-vitb-1600.pth CONVERT_FLAGS="; exit 2; }
-	$(VENV)/bin/mage-hf convert --checkpoint "$(CHECKPOINT)" --output "$(OUTPUT)/mage-hf-model" $(CONVERT_FLAGS)
-	$(PY) -m mage_hf.demo --model "$(OUTPUT)/mage-hf-model" --output "$(OUTPUT)"
+	$(PY) -m mage_hf.demo --output "$(OUTPUT)" $(if $(MODEL),--model "$(MODEL)")
 
 # Rebuild the embedded demo model from scratch (about an hour and a half on 2 CPU cores; see training/recipes/emoji).
 demo-model: install

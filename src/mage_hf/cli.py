@@ -100,6 +100,10 @@ def _load_pipeline(args: argparse.Namespace, cls):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and dtype != torch.float32:
         print(f"note: {args.dtype} on the CPU is slow (often emulated); float32 is the CPU default.", file=sys.stderr)
+    if args.model is None:
+        from .demo import default_model
+
+        args.model = default_model()
     pipe = cls.from_pretrained(args.model, dtype=dtype)
     return pipe.to(device)
 
@@ -225,7 +229,9 @@ def _outpaint(args: argparse.Namespace) -> int:
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, num_images: int) -> None:
-    parser.add_argument("--model", required=True, help="a pipeline or MAGE model folder, or a Hub repo id")
+    parser.add_argument(
+        "--model", help="a pipeline or MAGE model folder, or a Hub repo id (default: the embedded demo model)"
+    )
     parser.add_argument("--output", default="outputs", help="folder for the PNGs and grid.png")
     parser.add_argument("--num-images", type=int, default=num_images, help="how many images to make")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
