@@ -6,27 +6,28 @@ PY := $(VENV)/bin/python
 # build. The constraints file keeps later installs from replacing it.
 CONSTRAINTS ?= constraints-cpu.txt
 
-# The demo converts this checkpoint. The default is the small original-layout model next to the repo (the golden
-# test data); for the real thing: make demo CHECKPOINT=mage-vitb-1600.pth CONVERT_FLAGS=
-CHECKPOINT ?= ../shared/golden/mage-tiny/mage_pretrain.pth
-CONVERT_FLAGS ?= --num-heads 2 --decoder-num-heads 4
 OUTPUT ?= outputs
 
 .PHONY: install demo demo-model test test-fast test-slow test-eval clean
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+# The package and its runtime dependencies (enough for the demo), then the test, training and Space extras.
+$(VENV)/.core: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test,demo]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
-	@test -f "$(CHECKPOINT)" || { echo "No checkpoint at $(CHECKPOINT): run make demo CHECKPOINT=path/to/mage-vitb-1600.pth CONVERT_FLAGS="; exit 2; }
-	$(VENV)/bin/mage-hf convert --checkpoint "$(CHECKPOINT)" --output "$(OUTPUT)/mage-hf-model" $(CONVERT_FLAGS)
-	$(PY) -m mage_hf.demo --model "$(OUTPUT)/mage-hf-model" --output "$(OUTPUT)"
+# The main job, offline: generate, inpaint and outpaint with the embedded demo model (trained by
+# training/recipes/emoji); pictures in $(OUTPUT)/. Any other pipeline folder or Hub repo id: make demo MODEL=...
+demo: $(VENV)/.core
+	$(PY) -m mage_hf.demo --output "$(OUTPUT)" $(if $(MODEL),--model "$(MODEL)")
 
 # Rebuild the embedded demo model from scratch (about an hour and a half on 2 CPU cores; see training/recipes/emoji).
 demo-model: install

@@ -410,6 +410,21 @@ def test_outpainting_grows_the_canvas_and_keeps_the_image(inpaint, photos, direc
     assert int(out.token_mask.sum()) == 16 * 4  # 64 new pixels = 4 token columns (or rows)
 
 
+def test_outpainting_window_repeats_the_edge_into_the_new_area():
+    """The new area starts as the nearest edge pixels repeated (not a flat colour: see make_outpaint_inputs)."""
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    window, mask = make_outpaint_inputs(image, "right", 0.25)  # 8 new columns
+    assert torch.equal(window[..., :24], image[..., 8:]) and bool((mask[..., 24:] == 1).all())
+    assert torch.equal(window[..., 24:], image[..., -1:].expand(-1, -1, -1, 8))
+    window, mask = make_outpaint_inputs(image, "up", 0.25)
+    assert torch.equal(window[..., 8:, :], image[..., :24, :])
+    assert torch.equal(window[..., :8, :], image[..., :1, :].expand(-1, -1, 8, -1))
+    window, mask = make_outpaint_inputs(image, "uncrop", 0.25)  # 24 px in the centre, 4 px border
+    inner = window[..., 4:28, 4:28]
+    assert torch.equal(window[..., :4, 4:28], inner[..., :1, :].expand(-1, -1, 4, -1))
+    assert torch.equal(window[..., 0, 0], inner[..., 0, 0]) and int((mask == 0).sum()) == 2 * 24 * 24
+
+
 def test_uncrop_keeps_the_shrunk_image(inpaint, photos):
     pixels = torch.from_numpy(np.asarray(photos[2]).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     window, mask = make_outpaint_inputs(pixels, "uncrop", 0.25)
@@ -449,6 +464,33 @@ def test_class_labels_condition_generation(conditional_pipe):
         pipe(**kwargs, class_labels=[1, 2, 3])
     with pytest.raises(ValueError, match="needs class_labels"):
         pipe(**kwargs, guidance_scale=3.0)
+
+
+def test_class_names_map_to_ids_through_the_config(tmp_path):
+    """With `id2label` in the config (as train_mage.py saves a ClassLabel's names), `class_labels` takes names, also
+    mixed with ids, and they survive a save/load round trip; without names, or with an unknown one, the error says
+    what to pass."""
+    torch.manual_seed(1)
+    names = [f"class {c}" for c in "ABCDEFGHIJ"]
+    config = tiny_config(num_classes=10, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    model = MageForMaskedImageModeling(config).eval()
+    MageGenerationPipeline(model=model, scheduler=MageScheduler.from_model_config(config)).save_pretrained(tmp_path)
+    pipe = MageGenerationPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.labels == {name: i for i, name in enumerate(names)}
+    assert pipe.get_label_ids(["class D", "class A"]) == [3, 0] and pipe.get_label_ids("class J") == [9]
+    kwargs = dict(num_images=2, num_inference_steps=STEPS, output_type="latent")
+    by_id = pipe(**kwargs, generator=gens(0, 1), class_labels=[3, 7]).images
+    assert torch.equal(pipe(**kwargs, generator=gens(0, 1), class_labels=["class D", "class H"]).images, by_id)
+    assert torch.equal(pipe(**kwargs, generator=gens(0, 1), class_labels=["class D", 7]).images, by_id)
+    with pytest.raises(ValueError, match="Unknown class name.*'class Z'.*class A, class B"):
+        pipe(**kwargs, class_labels="class Z")
+
+
+def test_class_names_without_names_in_the_config(conditional_pipe):
+    assert conditional_pipe.labels == {}  # transformers' LABEL_0/LABEL_1 placeholder is not taken for names
+    with pytest.raises(ValueError, match="names no classes.*integers \\(0 to 9\\)"):
+        conditional_pipe(num_images=1, num_inference_steps=STEPS, class_labels="cat")
 
 
 def test_classifier_free_guidance_combines_conditional_and_unconditional_logits(conditional_pipe):

@@ -358,6 +358,8 @@ def test_two_processes_match_one_process_mage_c_class_conditional_precomputed(wo
     model = MageForMaskedImageModeling.from_pretrained(tmp_path / "two")
     assert model.config.num_classes == 10 and model.config.contrastive_projection_dim == 16
     assert model.contrastive_head is not None
+    # The ClassLabel's names are saved with the model (the digits' names are "0".."9").
+    assert model.config.id2label == {i: str(i) for i in range(10)} and model.config.label2id["7"] == 7
 
     # The cached tokens are the tokenizer's ids (channels-last, as the training scripts run it) of the augmented views
     # the script describes.

@@ -278,16 +278,19 @@ def main(args):
             args.streaming, args.max_train_samples, args.cache_dir,
         )
     class_column = class_column if args.class_column else None  # labels are used only when asked for
-    num_classes = 0
+    num_classes, class_names = 0, None
     if class_column is not None:
         feature = dataset.features[class_column]
         if hasattr(feature, "names"):  # a ClassLabel
-            num_classes = len(feature.names)
+            num_classes, class_names = len(feature.names), list(feature.names)
         elif args.streaming:
             raise ValueError(f"With --streaming, --class_column {class_column!r} must be a ClassLabel column.")
         else:
             num_classes = int(max(dataset[class_column])) + 1
     model = build_model(args, num_classes)
+    if class_names:  # saved with the model, so pipelines and the demo app can show and take class names
+        model.config.id2label = dict(enumerate(class_names))
+        model.config.label2id = {name: i for i, name in enumerate(class_names)}
     set_seed(args.seed, device_specific=True)  # from here on (dropout), each rank its own stream: seed + rank
     if args.contrastive_weight == 0 and model.contrastive_head is not None:
         model.contrastive_head.requires_grad_(False)  # unused: keep DDP from waiting for its gradients

@@ -100,6 +100,10 @@ def _load_pipeline(args: argparse.Namespace, cls):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and dtype != torch.float32:
         print(f"note: {args.dtype} on the CPU is slow (often emulated); float32 is the CPU default.", file=sys.stderr)
+    if args.model is None:
+        from .demo import default_model
+
+        args.model = default_model()
     pipe = cls.from_pretrained(args.model, dtype=dtype)
     return pipe.to(device)
 
@@ -224,8 +228,18 @@ def _outpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _class_label(value: str) -> int | str:
+    """`--class-label`: an integer id, or a class name the pipeline looks up in the model's `id2label`."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser, num_images: int) -> None:
-    parser.add_argument("--model", required=True, help="a pipeline or MAGE model folder, or a Hub repo id")
+    parser.add_argument(
+        "--model", help="a pipeline or MAGE model folder, or a Hub repo id (default: the embedded demo model)"
+    )
     parser.add_argument("--output", default="outputs", help="folder for the PNGs and grid.png")
     parser.add_argument("--num-images", type=int, default=num_images, help="how many images to make")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
@@ -287,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images")
     _add_sampling_arguments(generate, num_images=8)
-    generate.add_argument("--class-label", type=int, help="class id, for class-conditional models")
+    generate.add_argument(
+        "--class-label",
+        type=_class_label,
+        help="class id or name, for class-conditional models (the embedded emoji model: 0-8 or e.g. 'Flags')",
+    )
     generate.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     generate.set_defaults(func=_generate)
 

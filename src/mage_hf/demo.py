@@ -1,97 +1,130 @@
 # Copyright 2026 The mage-hf authors. MIT licence.
-"""The main job, as `make demo` runs it: extract MAGE features from a few photos and reconstruct them.
+"""The main job, as `make demo` runs it: MAGE generates, inpaints and outpaints, offline, with the embedded demo model.
 
-    python -m mage_hf.demo --model outputs/mage-hf-model --output outputs
+    python -m mage_hf.demo [--model FOLDER] [--output outputs]
 
-The photos are the ones scikit-image ships (public domain or CC0, see its documentation). With random weights
-(the default small test checkpoint) the pictures are noise; with a converted ViT-B they are real reconstructions.
+The embedded model (`mage_hf/data/demo-model`) is a small class-conditional MAGE that this project trained on Google's
+Noto emoji with its own scripts (`training/recipes/emoji`; the model card in the folder gives its numbers). The
+inpainting and outpainting inputs are held-out emoji shipped beside it (`mage_hf/data/emoji-examples`, Apache-2.0).
+Any other pipeline folder or Hub repo id works too (`--model`).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from . import MageForMaskedImageModeling, MageImageProcessor, MageModel
-from .modeling_mage import random_token_masks
+from .pipeline_mage import MageGenerationPipeline, MageInpaintPipeline
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+__all__ = ["EMBEDDED_MODEL", "EXAMPLE_EMOJI", "default_model", "main"]
 
-
-def load_photos() -> dict[str, Image.Image]:
-    try:
-        from skimage import data
-    except ImportError:
-        raise SystemExit("The demo's photos come from scikit-image: pip install scikit-image") from None
-    return {name: Image.fromarray(getattr(data, name)()) for name in PHOTOS}
+EMBEDDED_MODEL = Path(__file__).parent / "data" / "demo-model"
+EXAMPLE_EMOJI = Path(__file__).parent / "data" / "emoji-examples"
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in about [0, 1] -> PIL images, clipped."""
-    array = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
+def default_model() -> str:
+    if not (EMBEDDED_MODEL / "model_index.json").is_file():
+        raise SystemExit(
+            f"The embedded demo model is missing from {EMBEDDED_MODEL} (a broken install?). Pass --model with a "
+            "pipeline folder or Hub repo id, or rebuild it with training/recipes/emoji/train.sh."
+        )
+    return str(EMBEDDED_MODEL)
 
 
-def grid(rows: list[list[Image.Image]]) -> Image.Image:
-    width, height = rows[0][0].size
-    canvas = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
+def _upscaled(images: list[Image.Image], size: int) -> list[Image.Image]:
+    return [image.resize((size * image.width // image.height, size), Image.NEAREST) for image in images]
+
+
+def _grid(rows: list[list[Image.Image]], size: int = 128, gap: int = 4) -> Image.Image:
+    """Rows of images (upscaled to `size` px high, nearest neighbour: the model's pixels, bigger) on white."""
+    rows = [_upscaled(row, size) for row in rows]
+    width = max(sum(image.width for image in row) + gap * (len(row) - 1) for row in rows)
+    canvas = Image.new("RGB", (width, len(rows) * size + gap * (len(rows) - 1)), "white")
     for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            canvas.paste(image, (c * width, r * height))
+        x = 0
+        for image in row:
+            canvas.paste(image, (x, r * (size + gap)))
+            x += image.width + gap
     return canvas
+
+
+def _masked_view(image: Image.Image, mask: Image.Image) -> Image.Image:
+    grey = Image.new("RGB", image.size, (128, 128, 128))
+    return Image.composite(grey, image.convert("RGB"), mask)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a converted MAGE folder")
-    parser.add_argument("--output", default="outputs", help="where to write the pictures and features")
-    parser.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of tokens to mask and predict")
+    parser.add_argument("--model", help="a pipeline folder or Hub repo id (default: the embedded demo model)")
+    parser.add_argument("--output", default="outputs", help="where to write the pictures")
+    parser.add_argument("--per-class", type=int, default=6, help="samples per class (class-conditional models)")
+    parser.add_argument("--steps", type=int, default=12, help="decoding steps")
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 @torch.no_grad()
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> dict[str, Path]:
+    start = time.perf_counter()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    processor = MageImageProcessor.from_pretrained(args.model)
-    encoder = MageModel.from_pretrained(args.model).eval()
-    photos = load_photos()
-    pixel_values = processor(list(photos.values()), return_tensors="pt").pixel_values
+    pipe = MageGenerationPipeline.from_pretrained(args.model or default_model())
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.model.config
+    steps = {"num_inference_steps": args.steps}
 
-    features = encoder(pixel_values=pixel_values)
-    pooled = torch.nn.functional.normalize(features.pooler_output, dim=-1)
-    print(f"Features: last_hidden_state {tuple(features.last_hidden_state.shape)}, pooled {tuple(pooled.shape)}")
-    print("Cosine similarity of the pooled features:")
-    print("            " + "".join(f"{n:>11}" for n in photos))
-    for name, row in zip(photos, pooled @ pooled.T):
-        print(f"{name:>11} " + "".join(f"{v:>11.3f}" for v in row.tolist()))
-    from safetensors.torch import save_file
+    # 1. Generation: one row per class (with guidance) for a class-conditional model, else 4 rows of 8.
+    rows = []
+    classes = range(config.num_classes) if config.num_classes else [None] * 4
+    per_row = args.per_class if config.num_classes else 8
+    for row, label in enumerate(classes):
+        generators = [torch.Generator().manual_seed(args.seed + 100 * row + i) for i in range(per_row)]
+        extra = {"class_labels": [label] * per_row, "guidance_scale": args.guidance_scale} if label is not None else {}
+        rows.append(pipe(num_images=per_row, generator=generators, **steps, **extra).images)
+    paths = {"samples": output / "demo_samples.png"}
+    _grid(rows).save(paths["samples"])
+    names = [config.id2label.get(i, str(i)) for i in classes] if config.num_classes else []
 
-    save_file({"pooler_output": features.pooler_output.contiguous()}, str(output / "features.safetensors"))
+    # 2. Inpainting (the centre regenerated) and 3. outpainting (extended to the right), on held-out emoji.
+    inpaint = MageInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    examples = [Image.open(path).convert("RGB") for path in sorted(EXAMPLE_EMOJI.glob("*.png"))]
+    if not examples:
+        raise SystemExit(f"No example images in {EXAMPLE_EMOJI}.")
+    size = examples[0].width
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, size - size // 4, size - size // 4))
+    filled, uncropped, wider = [], [], []
+    for i, image in enumerate(examples):
+        generator = torch.Generator().manual_seed(args.seed + i)
+        filled.append(inpaint(image, mask_image=mask, paste_back=True, generator=generator, **steps).images[0])
+        if i < 4:
+            generator = torch.Generator().manual_seed(args.seed + i)
+            uncropped.append(inpaint.outpaint(image, direction="uncrop", amount=0.25, generator=generator,
+                                              **steps).images[0])
+            generator = torch.Generator().manual_seed(args.seed + i)
+            wider.append(inpaint.outpaint(image, direction="right", amount=0.5, generator=generator,
+                                          **steps).images[0])
+    resolution = pipe.resolution
+    shown = [image.resize((resolution, resolution), Image.BICUBIC) for image in examples]
+    paths["inpainting"] = output / "demo_inpainting.png"
+    _grid([shown, [_masked_view(im, mask.resize(im.size)) for im in shown], filled]).save(paths["inpainting"])
+    paths["outpainting"] = output / "demo_outpainting.png"
+    _grid([list(row) for row in zip(shown, uncropped, wider)]).save(paths["outpainting"])
 
-    # Masked token modelling: mask tokens, predict them (argmax), decode.
-    mim = MageForMaskedImageModeling.from_pretrained(args.model).eval()
-    vq = mim.mage.vq_model
-    side = mim.config.vq_config.grid_size
-    noise = torch.rand(len(photos), side * side, generator=torch.Generator().manual_seed(args.seed))
-    token_mask, _ = random_token_masks(noise, math.ceil(side * side * args.mask_ratio))
-    out = mim(pixel_values=pixel_values, token_mask=token_mask)
-    predicted = torch.where(out.token_mask, out.logits.argmax(-1), out.labels)  # (B, L)
-    tokenized = vq.decode(out.labels.view(-1, side, side))
-    filled = vq.decode(predicted.view(-1, side, side))
-    accuracy = (out.logits.argmax(-1) == out.labels)[out.token_mask].float().mean()
-    print(f"Masked {out.token_mask.sum(1)[0].item()} of {side * side} tokens per photo: loss {out.loss:.3f}, "
-          f"masked-token accuracy {accuracy:.1%}")
-    picture = grid([to_pil(pixel_values), to_pil(tokenized), to_pil(filled)])
-    picture.save(output / "reconstructions.png")
-    print(f"Wrote {output / 'reconstructions.png'} (rows: input, VQGAN reconstruction, masked tokens predicted) "
-          f"and {output / 'features.safetensors'}.")
+    seconds = time.perf_counter() - start
+    print(f"MAGE demo ({pipe.model.config.num_hidden_layers}-layer model, {resolution}x{resolution} px), "
+          f"{seconds:.0f} s:")
+    print(f"  {paths['samples']}: generated samples" + (f", one row per class ({', '.join(names)})" if names else ""))
+    print(f"  {paths['inpainting']}: inpainting (rows: held-out emoji, the centre masked, the centre regenerated)")
+    print(f"  {paths['outpainting']}: outpainting (each emoji; zoomed out, the new border generated; extended to "
+          "the right by half its width)")
+    return paths
 
 
 if __name__ == "__main__":

@@ -186,35 +186,40 @@ def make_outpaint_inputs(image: torch.Tensor, direction: str, amount: float) -> 
     fraction of `S` to add on that side: the window is the `S`-wide strip at that edge of the grown canvas, holding
     the nearest `(1 - amount) * S` pixels of the image as context and the new area, masked. For `"uncrop"`, the image
     is shrunk by `1 - amount` into the centre of an `S` canvas and the border is masked. Returns `(window, mask)`,
-    each `(B, C, S, S)`; the new area starts grey."""
+    each `(B, C, S, S)`.
+
+    The new area starts as the image's edge pixels repeated outwards. Its tokens are masked, but the VQGAN encoder's
+    receptive field reaches across the boundary, so the known tokens next to it see these pixels: a flat grey fill
+    made them look like the start of a grey object, and the model then drew one (on the emoji demo model a white
+    margin was continued as coloured clutter); repeating the edge keeps them what the image shows."""
     if direction not in OUTPAINT_DIRECTIONS:
         raise ValueError(f"direction must be one of {OUTPAINT_DIRECTIONS}, got {direction!r}.")
     size = image.shape[-1]
     extra = int(round(amount * size)) if 0.0 < amount < 1.0 else 0
     if extra < 1 or extra > size - 1:
         raise ValueError(f"amount must be in (0, 1) and leave at least one pixel on each side, got {amount}.")
-    window = torch.full_like(image, 0.5)
     mask = torch.zeros_like(image[:, :1])
     keep = size - extra
+    # F.pad's (left, right, top, bottom) on the last two dimensions; "replicate" repeats the edge pixels.
     if direction == "right":
-        window[..., :keep] = image[..., extra:]
+        window = F.pad(image[..., extra:], (0, extra, 0, 0), mode="replicate")  # (B, 3, S, S)
         mask[..., keep:] = 1
     elif direction == "left":
-        window[..., extra:] = image[..., :keep]
+        window = F.pad(image[..., :keep], (extra, 0, 0, 0), mode="replicate")
         mask[..., :extra] = 1
     elif direction == "down":
-        window[..., :keep, :] = image[..., extra:, :]
+        window = F.pad(image[..., extra:, :], (0, 0, 0, extra), mode="replicate")
         mask[..., keep:, :] = 1
     elif direction == "up":
-        window[..., extra:, :] = image[..., :keep, :]
+        window = F.pad(image[..., :keep, :], (0, 0, extra, 0), mode="replicate")
         mask[..., :extra, :] = 1
     else:  # uncrop: shrink into the centre, mask the border
-        inner = keep
-        small = F.interpolate(image, size=(inner, inner), mode="bicubic", align_corners=False, antialias=True)
-        top = (size - inner) // 2
-        window[..., top : top + inner, top : top + inner] = small.clamp(0, 1)
+        small = F.interpolate(image, size=(keep, keep), mode="bicubic", align_corners=False, antialias=True)
+        top = (size - keep) // 2
+        bottom = size - keep - top
+        window = F.pad(small.clamp(0, 1), (top, bottom, top, bottom), mode="replicate")  # (B, 3, S, S)
         mask.fill_(1)
-        mask[..., top : top + inner, top : top + inner] = 0
+        mask[..., top : top + keep, top : top + keep] = 0
     return window, mask
 
 
@@ -321,8 +326,32 @@ class MageGenerationPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}.")
 
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> class id of a class-conditional model whose config names its classes (`id2label`, as
+        `train_mage.py --class_column` records a `ClassLabel`'s names); empty otherwise."""
+        config = self.model.config
+        num_classes = int(getattr(config, "num_classes", 0) or 0)
+        if num_classes == 0 or sorted(config.id2label) != list(range(num_classes)):
+            return {}  # unconditional, or transformers' placeholder LABEL_0/LABEL_1
+        return {name: int(i) for i, name in config.id2label.items()}
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class names -> class ids (as diffusers' `DiTPipeline.get_label_ids`), for `class_labels=`."""
+        names = [label] if isinstance(label, str) else list(label)
+        if not self.labels:
+            raise ValueError(
+                "This model's config names no classes (config.id2label); pass class ids as integers "
+                f"(0 to {max(int(getattr(self.model.config, 'num_classes', 0) or 0) - 1, 0)})."
+            )
+        unknown = [name for name in names if name not in self.labels]
+        if unknown:
+            raise ValueError(f"Unknown class name(s) {unknown}; this model's classes are: {', '.join(self.labels)}.")
+        return [self.labels[name] for name in names]
+
     def prepare_class_labels(self, class_labels, batch_size: int, guidance_scale: float) -> torch.LongTensor | None:
-        """`class_labels` (an int, or one per image) -> `(B,)` on the device, or None for unconditional models."""
+        """`class_labels` (an id or name, or one per image) -> `(B,)` on the device, or None for unconditional
+        models."""
         num_classes = int(getattr(self.model.config, "num_classes", 0) or 0)
         if class_labels is None:
             if guidance_scale > 1.0:
@@ -330,6 +359,13 @@ class MageGenerationPipeline(DiffusionPipeline):
             return None
         if num_classes == 0:
             raise ValueError("This model is class-unconditional (config.num_classes == 0); do not pass class_labels.")
+        if isinstance(class_labels, str) or (
+            isinstance(class_labels, (list, tuple)) and any(isinstance(label, str) for label in class_labels)
+        ):
+            class_labels = [
+                label if not isinstance(label, str) else self.get_label_ids(label)[0]
+                for label in ([class_labels] if isinstance(class_labels, str) else class_labels)
+            ]
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
@@ -437,7 +473,7 @@ class MageGenerationPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         choice_temperature: float | None = None,
         generator: GeneratorArg = None,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -457,8 +493,9 @@ class MageGenerationPipeline(DiffusionPipeline):
             generator (`torch.Generator` or a list of one per image, *optional*):
                 With one generator per image, image `i` depends only on generator `i`: the same seed gives the same
                 image whatever the batch it is in.
-            class_labels (`int`, `list[int]` or `torch.LongTensor`, *optional*):
-                For class-conditional models: one label, or one per image (-1 = unconditional).
+            class_labels (`int`, `str`, `list` or `torch.LongTensor`, *optional*):
+                For class-conditional models: one label, or one per image (-1 = unconditional). Names work when the
+                config names the classes (see `labels` and `get_label_ids`).
             guidance_scale (`float`, *optional*, defaults to 1.0):
                 Classifier-free guidance on the logits, `uncond + s * (cond - uncond)`; 1 disables it.
             output_type (`str`, *optional*, defaults to `"pil"`):
@@ -520,7 +557,7 @@ class MageInpaintPipeline(MageGenerationPipeline):
         num_inference_steps: int = 20,
         choice_temperature: float | None = None,
         generator: GeneratorArg = None,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         paste_back: bool = False,
         output_type: str = "pil",

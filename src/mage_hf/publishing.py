@@ -208,6 +208,8 @@ def _config_summary(model_dir: Path, class_name: str) -> dict[str, Any]:
         "grid_size": config.vq_config.grid_size,
         "num_classes": int(config.num_classes),
     }
+    if config.num_classes and sorted(config.id2label) == list(range(config.num_classes)):
+        summary["class_names"] = [config.id2label[i] for i in range(config.num_classes)]  # named classes
     if class_name == "MageForMaskedImageModeling":
         summary["decoder_hidden_size"] = config.decoder_hidden_size
         summary["decoder_num_hidden_layers"] = config.decoder_num_hidden_layers
@@ -560,8 +562,12 @@ def _usage(info: FolderInfo, repo: str) -> list[str]:
             "images = pipe(num_images=4, generator=torch.Generator().manual_seed(0)).images",
         ]
         if conditional:
-            lines.append("images = pipe(num_images=4, class_labels=0, guidance_scale=2.0, "
-                         "generator=torch.Generator().manual_seed(0)).images  # class 0")
+            if cfg.get("class_names"):
+                label, comment = json.dumps(cfg["class_names"][0]), "a class name (config.id2label) or id"
+            else:
+                label, comment = "0", "class 0"
+            lines.append(f"images = pipe(num_images=4, class_labels={label}, guidance_scale=2.0, "
+                         f"generator=torch.Generator().manual_seed(0)).images  # {comment}")
         lines += [
             "",
             f'inpaint = MageInpaintPipeline.from_pretrained("{repo}")',
@@ -681,7 +687,8 @@ def _licence_text(info: FolderInfo, fields: dict[str, str], explicit: bool) -> l
 
 
 def build_model_card(info: FolderInfo, repo_id: str | None = None, sample_grid: str | os.PathLike | None = None,
-                     license: str | None = None, sample_settings: dict | None = None) -> ModelCard:
+                     license: str | None = None, sample_settings: dict | None = None, title: str | None = None,
+                     dataset_description: str | None = None) -> ModelCard:
     """The model card (`README.md`) of a MAGE folder, as a `huggingface_hub.ModelCard`.
 
     Args:
@@ -692,6 +699,9 @@ def build_model_card(info: FolderInfo, repo_id: str | None = None, sample_grid: 
             (`license_name: mage-weights`, linking to LTH14/mage) for the converted original MAGE weights and
             models trained from them.
         sample_settings: how the grid was made (`num_images`, `steps`, `seed`), for its caption.
+        title: the card's heading (default: the repo id, or the folder's name).
+        dataset_description: how the card names the training data (default: the Hub dataset id, or "local dataset
+            `<folder name>`" from the recorded training arguments).
 
     Metadata: `license`, `library_name: mage-hf`, `pipeline_tag`, `tags`, `datasets` and `base_model` (when the
     training arguments name Hub repos) and `model-index` evaluation results (from `eval_results.json` and
@@ -703,6 +713,7 @@ def build_model_card(info: FolderInfo, repo_id: str | None = None, sample_grid: 
     name = (repo_id or info.path.resolve().name).split("/")[-1]
     fields = _license_fields(info, license)
     dataset_id, dataset_label = _dataset(info)
+    dataset_label = dataset_description or dataset_label
     base = _hub_id(_base_model_value(info.training_args or {}))
     eval_results = _eval_results(info, name)
     data = ModelCardData(
@@ -744,7 +755,11 @@ def build_model_card(info: FolderInfo, repo_id: str | None = None, sample_grid: 
         origin = ""
     intro = (f"[MAGE]({MAGE_PAPER_URL}) (MAsked Generative Encoder, Li et al., CVPR 2023) for {what}, packaged "
              f"as {packaging} for mage-hf.")
-    lines = [f"# {repo_id or info.path.resolve().name}", "", " ".join(x for x in (intro, shape, origin) if x), ""]
+    classes = ("Its classes (`class_labels=`, by id or name): "
+               + ", ".join(f"{i} {name}" for i, name in enumerate(cfg["class_names"])) + "."
+               ) if info.can_generate and cfg.get("class_names") else ""
+    lines = [f"# {title or repo_id or info.path.resolve().name}", "",
+             " ".join(x for x in (intro, shape, origin, classes) if x), ""]
     lines += _usage(info, repo)
     if sample_grid is not None:
         settings = sample_settings or {}

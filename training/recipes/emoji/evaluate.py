@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="decoding steps for samples, inpainting and outpainting")
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--choice_temperature", type=float, default=4.5)
+    p.add_argument("--reuse_metrics", action="store_true",
+                   help="only rewrite OUT/pipeline and its card from an earlier run's OUT/metrics.json")
     return p.parse_args(argv)
 
 
@@ -226,6 +228,11 @@ def write_pipeline(model, args, metrics: dict, output: Path) -> Path:
 
     folder = output / "pipeline"
     shutil.rmtree(folder, ignore_errors=True)
+    names = metrics["settings"]["class_names"]
+    if model.config.num_classes and sorted(model.config.id2label) != list(range(model.config.num_classes)):
+        # train_mage.py saves a ClassLabel's names since the shipped model was trained; add them here otherwise.
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: i for i, name in enumerate(names)}
     scheduler = MageScheduler.from_model_config(model.config, choice_temperature=args.choice_temperature)
     MageGenerationPipeline(model=model, scheduler=scheduler).save_pretrained(folder)
     training_args = json.loads((Path(args.mage) / "training_args.json").read_text())
@@ -235,7 +242,10 @@ def write_pipeline(model, args, metrics: dict, output: Path) -> Path:
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=2) + "\n")
     shutil.copy(output / "samples_grid.png", folder / "samples.png")
 
-    card = build_model_card(inspect_folder(folder), repo_id=None, sample_grid="samples.png")
+    card = build_model_card(
+        inspect_folder(folder), repo_id=None, sample_grid="samples.png", title="mage-hf emoji demo model",
+        dataset_description="Google's Noto emoji at 32x32 pixels",
+    )
     text = str(card).rstrip("\n") + "\n\n" + evaluation_section(metrics, args) + "\n"
     (folder / "README.md").write_text(text)
     ModelCard.load(folder / "README.md")  # raises if the card does not parse
@@ -326,6 +336,13 @@ def main(args) -> dict:
         "class_names": class_names,
     }}
     lap("load")
+    if args.reuse_metrics:
+        measured = json.loads((output / "metrics.json").read_text())
+        if measured["settings"] != metrics["settings"]:
+            raise SystemExit(f"{output / 'metrics.json'} was measured with other settings: {measured['settings']}.")
+        folder = write_pipeline(model, args, measured, output)
+        print(f"Rewrote {folder} from {output / 'metrics.json'}.")
+        return metrics
 
     # 1. Tokenizer, 2. MAGE's own loss on held-out images.
     metrics["tokenizer"] = tokenizer_metrics(vq, train, test)

@@ -47,3 +47,6 @@ JSON
 # 4. Evaluation for the model card, and the pipeline folder that is shipped in src/mage_hf/data/demo-model.
 "$PY" training/recipes/emoji/evaluate.py --data "$WORK/data" --vq "$WORK/vq" --mage "$WORK/mage" \
     --output "$WORK/eval" --seed $SEED --probe_epochs ${PROBE_EPOCHS:-20}
+
+# 5. Ship it as the package's embedded demo model (src/mage_hf/data/demo-model).
+"$PY" training/recipes/emoji/ship.py --pipeline "$WORK/eval/pipeline"
