@@ -104,3 +104,21 @@ def test_make_demo_job_writes_its_pictures(tmp_path, capsys):
     for name in ("samples", "inpainting", "outpainting"):
         assert paths[name].is_file() and str(paths[name]) in printed
     assert Image.open(paths["samples"]).height >= 9 * 128  # one row per class
+
+
+def test_the_command_line_defaults_to_the_embedded_model(tmp_path, capsys):
+    """`mage-hf generate` / `inpaint` with no `--model`: the embedded model, with class names on the command line."""
+    from mage_hf import cli
+
+    assert cli.main(["generate", "--class-label", "Flags", "--guidance-scale", "2", "--num-images", "2", "--steps", "4",
+                     "--output", str(tmp_path / "flags")]) == 0
+    samples = sorted((tmp_path / "flags").glob("sample_*.png"))
+    assert len(samples) == 2 and Image.open(samples[0]).size == (32, 32)
+    image = sorted(EXAMPLE_EMOJI.glob("*.png"))[3]  # 64 px: the box is in its pixels
+    assert cli.main(["inpaint", "--image", str(image), "--box", "16,16,48,48", "--paste-back", "--num-images", "1",
+                     "--steps", "4", "--output", str(tmp_path / "inpainted")]) == 0
+    assert (tmp_path / "inpainted" / "grid.png").is_file()
+    assert cli.main(["generate", "--class-label", "Emoji I made up", "--num-images", "1",
+                     "--output", str(tmp_path / "none")]) == 2
+    assert "Unknown class name(s) ['Emoji I made up']; this model's classes are: Activities" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -47,8 +47,14 @@ def run(block: str, workdir: Path, monkeypatch) -> dict:
 
 def test_the_readme_has_the_snippets_this_file_checks():
     blocks = python_blocks()
-    assert len(blocks) == 7
+    assert len(blocks) == 8
     assert sum("AutoModel.from_pretrained(\"mage-vitb-hf\"" in b for b in blocks) == 2
+
+
+def test_embedded_model_snippet(workdir, monkeypatch, capsys):
+    ns = run(next(b for b in python_blocks() if "EMBEDDED_MODEL" in b), workdir, monkeypatch)
+    assert "'Smileys & Emotion'" in capsys.readouterr().out
+    assert len(ns["images"]) == 4 and all(image.size == (32, 32) for image in ns["images"])
 
 
 def test_features_snippet(workdir, monkeypatch):
@@ -86,7 +92,7 @@ def test_attention_snippet(workdir, monkeypatch):
 
 
 def test_generation_snippet(workdir, monkeypatch):
-    ns = run(next(b for b in python_blocks() if "MageGenerationPipeline.from_pretrained" in b), workdir, monkeypatch)
+    ns = run(next(b for b in python_blocks() if "MageGenerationPipeline.from_pretrained(\"mage-vitb-hf\")" in b), workdir, monkeypatch)
     assert len(ns["images"]) == 4 and ns["images"][0].size == (256, 256)
     assert (workdir / "sample.png").is_file() and (workdir / "mage-vitb-pipeline" / "model_index.json").is_file()
 

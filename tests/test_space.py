@@ -23,6 +23,7 @@ from test_modeling import tiny_config
 from training_data import photo_images
 
 from mage_hf import MageForImageClassification, MageForMaskedImageModeling, MageGenerationPipeline, MageScheduler
+from mage_hf.demo import EXAMPLE_EMOJI as EMOJI_EXAMPLES
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "space"
@@ -203,6 +204,32 @@ def test_unreadable_file_is_refused(handlers, tmp_path):
         handlers.understand(str(bad))
 
 
+def test_small_outputs_are_shown_enlarged_pixel_for_pixel(tmp_path):
+    from mage_hf.gradio_app import OutputFiles
+
+    files = OutputFiles()
+    sample = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    shown = Image.open(files.save(sample))
+    assert shown.size == (384, 256)  # x8: the shorter side reaches 256
+    assert np.array_equal(np.asarray(shown)[::8, ::8], np.asarray(sample))  # each model pixel is an 8x8 block
+    assert Image.open(files.save(Image.new("RGB", (256, 256)))).size == (256, 256)  # big enough: as it is
+
+
+def test_examples_follow_the_model(monkeypatch, tmp_path):
+    from mage_hf.gradio_app import EMBEDDED_MODEL, EXAMPLES_DIR, example_images
+
+    monkeypatch.delenv("MAGE_EXAMPLES", raising=False)
+    assert [p.parent for p in example_images(str(EMBEDDED_MODEL))] == [EMOJI_EXAMPLES] * 8
+    assert all(p.parent == EXAMPLES_DIR for p in example_images("org/some-model"))
+    Image.new("RGB", (40, 40)).save(tmp_path / "mine.webp")
+    (tmp_path / "notes.txt").write_text("not an example")
+    assert example_images("org/some-model", tmp_path) == [tmp_path / "mine.webp"]
+    monkeypatch.setenv("MAGE_EXAMPLES", str(tmp_path))
+    assert example_images(str(EMBEDDED_MODEL)) == [tmp_path / "mine.webp"]
+    with pytest.raises(SystemExit, match="No example images"):
+        example_images("org/some-model", tmp_path / "empty-or-missing")
+
+
 def test_no_model_configured_is_a_clear_error(monkeypatch):
     from mage_hf import gradio_app
 
@@ -238,12 +265,13 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_folder, tmp_path_factory):
-    """`python space/app.py` on a free localhost port, with the tiny model (its own working directory, so that the
-    example cache stays out of the repository)."""
+def server(tmp_path_factory):
+    """`python space/app.py` on a free localhost port, with its default model: the embedded emoji model and its
+    example emoji (its own working directory, so that the example cache stays out of the repository)."""
     port = _free_port()
     workdir = tmp_path_factory.mktemp("server")
-    env = {**os.environ, "MAGE_MODEL": str(tiny_folder), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MAGE_MODEL", "MAGE_EXAMPLES", "MAGE_CLASSIFIER")}
+    env.update({"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"})
     with open(workdir / "server.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "space" / "app.py"), "--port", str(port)], cwd=workdir, env=env,
@@ -377,6 +405,10 @@ def _screenshot(page, name: str) -> Path:
 
 
 def test_browser_generate_shows_the_gallery(page):
+    assert "embedded demo model" in page.locator("body").inner_text()  # the app says which model it serves
+    # The embedded model is class-conditional: pick a class by its name.
+    page.locator("#generate-class input").click()
+    page.get_by_role("option", name="6: Smileys & Emotion").click()
     page.click("#generate-button")
     # Four decoded images (not broken links): the gallery's images, loaded.
     page.wait_for_function(
@@ -385,13 +417,13 @@ def test_browser_generate_shows_the_gallery(page):
         timeout=120_000,
     )
     widths = page.locator("#generate-gallery img").evaluate_all("els => els.map(e => e.naturalWidth)")
-    assert len(widths) >= 4 and 256 in widths
+    assert len(widths) >= 4 and 256 in widths  # 32 px samples, shown 8x as blocks of pixels
     _screenshot(page, "generate")
 
 
-def test_browser_inpaint_with_a_brushed_mask(page, photo, tmp_path):
-    example = tmp_path / "photo.png"
-    photo.save(example)
+def test_browser_inpaint_with_a_brushed_mask(page, tmp_path):
+    example = tmp_path / "emoji.png"  # a held-out emoji, at 256 px so that the brush is easy to place
+    Image.open(sorted(EMOJI_EXAMPLES.glob("*.png"))[6]).resize((256, 256), Image.NEAREST).save(example)
     page.get_by_role("tab", name="Inpaint / Outpaint").click()
     page.locator("#inpaint-editor input[type=file]").set_input_files(str(example))
     canvas = page.locator("#inpaint-editor canvas").first

@@ -256,7 +256,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise SystemExit(f"error: the demo app needs Gradio: pip install 'mage-hf[space]' ({err})") from None
     argv = ["--host", args.host, "--port", str(args.port)]
-    for flag in ("model", "classifier", "device"):
+    for flag in ("model", "classifier", "device", "examples"):
         if getattr(args, flag):
             argv += [f"--{flag}", getattr(args, flag)]
     run_app(argv)
@@ -326,8 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     outpaint.set_defaults(func=_outpaint)
 
     demo = commands.add_parser("demo", help="run the Gradio demo app (the Space in space/) locally")
-    demo.add_argument("--model", help="pipeline/model folder or Hub repo id (default: $MAGE_MODEL)")
+    demo.add_argument(
+        "--model", help="pipeline/model folder or Hub repo id (default: $MAGE_MODEL, else the embedded demo model)"
+    )
     demo.add_argument("--classifier", help="a MageForImageClassification folder for the Understand tab")
+    demo.add_argument("--examples", help="a folder of example images (default: emoji for the embedded model, photos)")
     demo.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
     demo.add_argument("--port", type=int, default=7860)

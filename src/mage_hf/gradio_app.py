@@ -6,10 +6,12 @@ It is the Hugging Face Space in `space/` (whose `app.py` only launches it) and r
     MAGE_MODEL=path/to/folder-or-org/name mage-hf demo --port 7860
 
 The model is a generation pipeline or MAGE model folder, or a Hub repo id, from `--model` or `MAGE_MODEL`. The
-default is the project's embedded demo model, once it is shipped. `--classifier` / `MAGE_CLASSIFIER` adds a
-`MageForImageClassification` for the Understand tab, which otherwise shows the nearest neighbours, by MAGE encoder
-features, among a small gallery of photos. The app holds no model code: every result comes from the library's
-pipelines and models. Needs `pip install "mage-hf[space]"`.
+default is the project's embedded demo model (a small class-conditional MAGE trained on emoji, see
+`training/recipes/emoji`). `--classifier` / `MAGE_CLASSIFIER` adds a `MageForImageClassification` for the Understand
+tab, which otherwise shows the nearest neighbours, by MAGE encoder features, among a small gallery of example images:
+held-out emoji for the embedded model, photos for any other (`--examples` / `MAGE_EXAMPLES` names another folder).
+The app holds no model code: every result comes from the library's pipelines and models. Needs
+`pip install "mage-hf[space]"`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .demo import EMBEDDED_MODEL
+from .demo import EXAMPLE_EMOJI as EMOJI_EXAMPLES_DIR
 from .modeling_mage import MageForImageClassification
 from .pipeline_mage import (
     OUTPAINT_DIRECTIONS,
@@ -55,8 +59,8 @@ __all__ = [
 ]
 
 EXAMPLES_DIR = Path(__file__).parent / "data" / "examples"
-# Where the embedded demo model will be shipped (a pipeline folder); until then `MAGE_MODEL` must name a model.
-EMBEDDED_MODEL = Path(__file__).parent / "data" / "demo-model"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+DISPLAY_SIZE = 256  # outputs smaller than this are shown enlarged (see OutputFiles)
 MASK_PRESETS = ("brush", "centre square", "left half", "right half", "top half", "bottom half")
 
 
@@ -103,6 +107,7 @@ class DemoModels:
     classifier: MageForImageClassification | None
     gallery: list[tuple[str, Image.Image]]
     gallery_features: torch.Tensor  # (N, D), unit length
+    examples: list[Path]  # the example images of every tab, which are also the gallery
 
     @property
     def config(self):
@@ -121,9 +126,23 @@ class DemoModels:
         return torch.nn.functional.normalize(hidden.float().mean(dim=1), dim=-1).cpu()
 
 
-def load_models(model: str | None = None, classifier: str | None = None, device: str | None = None) -> DemoModels:
+def example_images(model: str, folder: str | os.PathLike | None = None) -> list[Path]:
+    """The example images: `folder` (or `MAGE_EXAMPLES`) if given, else the held-out emoji for the embedded emoji model
+    and the photos for any other model."""
+    folder = folder or os.environ.get("MAGE_EXAMPLES")
+    if folder is None:
+        embedded = Path(model).resolve() == EMBEDDED_MODEL.resolve() if Path(model).exists() else False
+        folder = EMOJI_EXAMPLES_DIR if embedded else EXAMPLES_DIR
+    paths = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"No example images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
+    return paths
+
+
+def load_models(model: str | None = None, classifier: str | None = None, device: str | None = None,
+                examples: str | os.PathLike | None = None) -> DemoModels:
     """Load the pipelines (and classifier) on `device` (CUDA when present, else the CPU): float32 on the CPU,
-    float16 on CUDA."""
+    float16 on CUDA. `examples`: see [`example_images`]."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model = model or default_model()
@@ -133,8 +152,9 @@ def load_models(model: str | None = None, classifier: str | None = None, device:
     inpaint.set_progress_bar_config(disable=True)
     classifier = classifier or os.environ.get("MAGE_CLASSIFIER")
     head = MageForImageClassification.from_pretrained(classifier).to(device).eval() if classifier else None
-    gallery = [(path.stem, Image.open(path).convert("RGB")) for path in sorted(EXAMPLES_DIR.glob("*.jpg"))]
-    models = DemoModels(str(model), generate, inpaint, head, gallery, torch.empty(0))
+    paths = example_images(str(model), examples)
+    gallery = [(path.stem, Image.open(path).convert("RGB")) for path in paths]
+    models = DemoModels(str(model), generate, inpaint, head, gallery, torch.empty(0), paths)
     models.gallery_features = models.features([image for _, image in gallery])
     return models
 
@@ -344,16 +364,24 @@ class OutputFiles:
     image in place, so two requests with identical outputs (the same seed, or the same gallery photos) could
     truncate a file that another client is downloading ("Too little data for declared Content-Length", seen in the
     load test); returned files it copies once, atomically. The newest `keep` files are kept (Gradio has copied the
-    older ones long before)."""
+    older ones long before).
 
-    def __init__(self, keep: int = 512):
+    Images whose shorter side is under `display_size` (a 32 px model's samples) are saved enlarged by a whole
+    factor with nearest-neighbour resampling: each pixel the model made becomes a block, rather than a blur that the
+    browser would make of them."""
+
+    def __init__(self, keep: int = 512, display_size: int = DISPLAY_SIZE):
         self.folder = Path(tempfile.mkdtemp(prefix="mage-demo-"))
         self.keep = keep
+        self.display_size = display_size
         self._files: collections.deque[Path] = collections.deque()
         self._lock = threading.Lock()
 
     def save(self, image: Image.Image) -> str:
         path = self.folder / f"{uuid.uuid4().hex}.png"
+        factor = -(-self.display_size // min(image.size))  # ceil
+        if factor > 1:
+            image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
         image.save(path)
         with self._lock:
             self._files.append(path)
@@ -401,6 +429,13 @@ def _checked_upload(component):
     return component
 
 
+def _model_title(name: str) -> str:
+    """How the page names the model: the embedded one by what it is, others by their path or repo id."""
+    if Path(name).exists() and Path(name).resolve() == EMBEDDED_MODEL.resolve():
+        return "the embedded demo model (a small class-conditional MAGE trained on Noto emoji by mage-hf)"
+    return f"`{name}`"
+
+
 def build_demo(models: DemoModels):
     """The Gradio Blocks app. Every model call shares one queue slot (`concurrency_id="model"`): the pipelines
     share a model and a scheduler, and two CPU-bound jobs at once only slow each other down."""
@@ -409,7 +444,7 @@ def build_demo(models: DemoModels):
     handlers = Handlers(models)
     config = models.config
     conditional = config.num_classes > 0
-    examples = [str(path) for path in sorted(EXAMPLES_DIR.glob("*.jpg"))]
+    examples = [str(path) for path in models.examples]
     model_slot = {"concurrency_limit": 1, "concurrency_id": "model"}
 
     files = OutputFiles()
@@ -440,7 +475,7 @@ def build_demo(models: DemoModels):
             "# MAGE: MAsked Generative Encoder\n"
             "One ViT over VQGAN tokens that both generates images and learns representations "
             "([Li et al., CVPR 2023](https://arxiv.org/abs/2211.09117)), served by mage-hf. "
-            f"Model: `{models.name}`, "
+            f"Model: {_model_title(models.name)}, "
             f"{models.resolution}x{models.resolution} pixels, {models.generate.device.type.upper()}."
         )
         with gr.Tab("Generate"):
@@ -452,7 +487,10 @@ def build_demo(models: DemoModels):
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", scale=3)
                         dice = gr.Button("Random seed", scale=1)
-                    class_label = gr.Dropdown(class_choices, value="unconditional", label="Class", visible=conditional)
+                    class_label = gr.Dropdown(
+                        class_choices, value="unconditional", label="Class", visible=conditional,
+                        elem_id="generate-class",
+                    )
                     guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance", visible=conditional)
                     run = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 gallery = gr.Gallery(
@@ -538,6 +576,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The mage-hf demo app (Gradio).")
     parser.add_argument("--model", default=None, help="pipeline/model folder or Hub repo id (default: $MAGE_MODEL)")
     parser.add_argument("--classifier", default=None, help="MageForImageClassification folder ($MAGE_CLASSIFIER)")
+    parser.add_argument("--examples", default=None,
+                        help="folder of example images, also the Understand gallery ($MAGE_EXAMPLES; default: "
+                             "emoji for the embedded model, photos otherwise)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
@@ -546,7 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    models = load_models(args.model, args.classifier, args.device)
+    models = load_models(args.model, args.classifier, args.device, args.examples)
     build_demo(models).launch(server_name=args.host, server_port=args.port, max_file_size=LIMITS.max_file_size)
 
 
