@@ -122,3 +122,19 @@ def test_the_command_line_defaults_to_the_embedded_model(tmp_path, capsys):
                      "--output", str(tmp_path / "none")]) == 2
     assert "Unknown class name(s) ['Emoji I made up']; this model's classes are: Activities" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_publishing_it_keeps_the_evaluation(tmp_path, capsys):
+    """`mage-hf push --dry-run` of the embedded folder: the staged card has the evaluation table and class names."""
+    from huggingface_hub import ModelCard
+
+    from mage_hf import cli
+
+    staged = tmp_path / "staged"
+    assert cli.main(["push", "--folder", str(EMBEDDED_MODEL), "--repo-id", "someone/mage-emoji", "--dry-run",
+                     "--output", str(staged), "--samples", "0"]) == 0, capsys.readouterr().err
+    card = ModelCard.load(staged / "README.md")
+    assert _card_table(card.text)["Linear probe top-1, trained encoder"] == _card_table(
+        (EMBEDDED_MODEL / "README.md").read_text())["Linear probe top-1, trained encoder"]
+    assert 'from_pretrained("someone/mage-emoji")' in card.text and "6 Smileys & Emotion" in card.text
+    assert (staged / "model" / "model.safetensors").is_file() and card.data.license == "mit"

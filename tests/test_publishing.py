@@ -236,6 +236,34 @@ def test_model_folders_of_each_kind(folders, tmp_path, capsys):
     assert "class-conditional" in cond.data.tags and "class_labels=0" in cond.text
 
 
+def test_evaluation_notes_and_class_names_reach_the_card(folders, tmp_path, capsys):
+    """A folder's `evaluation.md` (written by an evaluation script) goes into the pushed card's Evaluation section,
+    after the numbers from eval_results.json; named classes are listed and used in the snippet; an oversized file is
+    refused."""
+    source = copy_folder(folders, "classifier", tmp_path)
+    notes = "| metric | value |\n| --- | --- |\n| probe top-1 | 41.5% |\n\n### Data\n\nHeld-out digits."
+    (source / "evaluation.md").write_text(notes + "\n")
+    assert push("--folder", source, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "staged") == 0
+    text = load_card(tmp_path / "staged").text
+    evaluation = text[text.index("## Evaluation"):]
+    assert evaluation.index("Top-1 accuracy (linear probe): **41.50%**") < evaluation.index(notes)
+    assert (tmp_path / "staged" / "evaluation.md").is_file()
+
+    cond = tmp_path / "named"
+    names = ["circle", "square", "triangle"]
+    MageForMaskedImageModeling(tiny_config(vq_config=tiny_vq_config(), num_classes=3, id2label=dict(enumerate(names)),
+                                           label2id={n: i for i, n in enumerate(names)})).save_pretrained(cond)
+    assert push("--folder", cond, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "named-staged",
+                "--samples", 0) == 0
+    text = load_card(tmp_path / "named-staged").text
+    assert "Its classes (`class_labels=`, by id or name): 0 circle, 1 square, 2 triangle." in text
+    assert 'class_labels="circle"' in text
+
+    (source / "evaluation.md").write_text("x" * (64 * 1024 + 1))
+    assert push("--folder", source, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "too-big") != 0
+    assert "evaluation.md is 65537 characters" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["pipeline", "encoder", "classifier", "vq"])
 def test_usage_snippets_run(folders, tmp_path, monkeypatch, name):
     """Every Python snippet of the card runs as written, with the repo id pointing at the local folder."""

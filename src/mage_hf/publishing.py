@@ -9,8 +9,9 @@ and uploaded with `huggingface_hub.HfApi`. `--space` publishes the Gradio demo S
 `mage_hf` package beside its `app.py`.
 
 The card is built from what the folder records about itself: `training_args.json` (training/train_mage.py),
-`eval_results.json` (training/train_classifier.py), `fid.json` (pipelines/evaluate_fid.py --output_json) and
-`conversion.json` (`mage-hf convert`). The card builder works without loading the weights, so the training script
+`eval_results.json` (training/train_classifier.py), `fid.json` (pipelines/evaluate_fid.py --output_json),
+`conversion.json` (`mage-hf convert`) and `evaluation.md` (Markdown an evaluation script wrote, e.g. the emoji
+recipe's; it goes into the card's Evaluation section as it is). The card builder works without loading the weights, so the training script
 writes its card through it too ([`training_folder_info`], used by `training_utils.write_model_card`).
 """
 
@@ -56,7 +57,9 @@ DEFAULT_EXCLUDES = (
     "checkpoint-*", "logs", "token_cache", "validation", "__pycache__", "*.egg-info", ".git", ".cache", "*.jsonl",
     "*.pyc",
 )
-PROVENANCE_FILES = ("training_args.json", "eval_results.json", "fid.json", "conversion.json")
+PROVENANCE_FILES = ("training_args.json", "eval_results.json", "fid.json", "conversion.json", "evaluation.md")
+EVALUATION_NOTES = "evaluation.md"
+MAX_EVALUATION_NOTES = 64 * 1024  # characters: a report, not a dump
 STAGING_MARKER = ".mage-hf-staging"  # marks a folder this module made, so that a rerun may replace it
 SAMPLES_FILE = "samples.png"
 
@@ -119,6 +122,7 @@ class FolderInfo:
         base_conversion: `conversion.json` of the local folder the model was trained from, when there is one (its
             weights then derive from the converted checkpoint's).
         final_loss: the last training loss, when known.
+        evaluation_notes: the Markdown of `evaluation.md`, when present.
         loaded: whether `from_pretrained` was run on the folder and succeeded.
     """
 
@@ -133,6 +137,7 @@ class FolderInfo:
     conversion: dict | None = None
     base_conversion: dict | None = None
     final_loss: float | None = None
+    evaluation_notes: str | None = None
     loaded: bool = False
 
     @property
@@ -228,6 +233,12 @@ def _read_provenance(info: FolderInfo) -> None:
         if (folder / name).is_file():
             setattr(info, attr, _read_json(folder / name))
     info.base_conversion = _base_conversion(info.training_args)
+    notes = folder / EVALUATION_NOTES
+    if notes.is_file():
+        text = notes.read_text(encoding="utf-8").strip()
+        if len(text) > MAX_EVALUATION_NOTES:
+            raise PublishError(f"{notes} is {len(text)} characters; the card takes at most {MAX_EVALUATION_NOTES}.")
+        info.evaluation_notes = text or None
     metrics = folder / "metrics.jsonl"
     if info.final_loss is None and metrics.is_file():  # train_mage.py's per-step log: the last loss it recorded
         try:
@@ -662,6 +673,8 @@ def _evaluation(info: FolderInfo) -> list[str]:
             lines.append("  With fewer than 50,000 samples FID is biased upwards: not comparable to published numbers.")
         if fid.get("official_inception_weights") is False:
             lines.append("  Computed with unofficial Inception weights: not comparable to published numbers.")
+    if info.evaluation_notes:
+        lines += ([""] if lines else []) + [info.evaluation_notes]
     return ["## Evaluation", "", *lines, ""] if lines else []
 
 

@@ -13,7 +13,8 @@ Run from the repository root. Everything runs on the CPU in float32 from fixed s
 * `samples_grid.png` (one row per class), `nearest_neighbours.png` (the 8 samples closest to a training image,
   each beside that image), `inpaint.png` and `outpaint.png` (4 test images), all upscaled 4x;
 * `random-init/` (the baseline: same config and tokenizer, random transformer), `probe-mage/`, `probe-random/`;
-* `pipeline/`: the `MageGenerationPipeline` folder that is shipped, with its model card `README.md`.
+* `pipeline/`: the `MageGenerationPipeline` folder that is shipped, with its model card `README.md` (the evaluation
+  table is also in `evaluation.md`, which `mage-hf push` puts into the card it writes).
 """
 
 from __future__ import annotations
@@ -241,13 +242,14 @@ def write_pipeline(model, args, metrics: dict, output: Path) -> Path:
         raise SystemExit("training_args.json holds what looks like a Hub token; not copying it.")
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=2) + "\n")
     shutil.copy(output / "samples_grid.png", folder / "samples.png")
+    # The card builder (also `mage-hf push`'s) puts evaluation.md into the card's Evaluation section.
+    (folder / "evaluation.md").write_text(evaluation_section(metrics, args) + "\n")
 
     card = build_model_card(
         inspect_folder(folder), repo_id=None, sample_grid="samples.png", title="mage-hf emoji demo model",
         dataset_description="Google's Noto emoji at 32x32 pixels",
     )
-    text = str(card).rstrip("\n") + "\n\n" + evaluation_section(metrics, args) + "\n"
-    (folder / "README.md").write_text(text)
+    card.save(folder / "README.md")
     ModelCard.load(folder / "README.md")  # raises if the card does not parse
     MageGenerationPipeline.from_pretrained(folder)
     return folder
@@ -287,7 +289,6 @@ def evaluation_section(m: dict, args) -> str:
         ]
     s = m["settings"]
     lines = [
-        "## Evaluation", "",
         (f"Measured by `training/recipes/emoji/evaluate.py` (seed {s['seed']}, CPU, float32) on the `test` split "
          f"({s['num_test_images']} images) and `train` split ({s['num_train_images']} images). Samples: "
          f"{s['samples_per_class']} per class, {s['steps']} decoding steps, guidance scale {s['guidance_scale']}, "
