@@ -138,3 +138,24 @@ def test_publishing_it_keeps_the_evaluation(tmp_path, capsys):
         (EMBEDDED_MODEL / "README.md").read_text())["Linear probe top-1, trained encoder"]
     assert 'from_pretrained("someone/mage-emoji")' in card.text and "6 Smileys & Emotion" in card.text
     assert (staged / "model" / "model.safetensors").is_file() and card.data.license == "mit"
+
+
+def test_every_shipped_data_file_is_package_data():
+    """A wheel (`pip install mage-hf`, not only an editable install) carries the model and its examples: every file
+    under `src/mage_hf/data` matches one of pyproject's package-data patterns (setuptools' globs: `*` stays within one
+    path component)."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    import mage_hf
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mage_hf"]
+    package = Path(mage_hf.__file__).parent
+    files = [p.relative_to(package).as_posix() for p in (package / "data").rglob("*") if p.is_file()]
+    assert "data/demo-model/model/model.safetensors" in files and "data/demo-model/evaluation.md" in files
+    missing = [f for f in files if not any(
+        fnmatch.fnmatch(f, pattern) and f.count("/") == pattern.count("/") for pattern in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
