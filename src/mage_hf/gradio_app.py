@@ -126,13 +126,17 @@ class DemoModels:
         return torch.nn.functional.normalize(hidden.float().mean(dim=1), dim=-1).cpu()
 
 
+def _is_embedded(model: str) -> bool:
+    """Whether `model` (a path or a Hub repo id) is the embedded demo model's folder."""
+    return Path(model).exists() and Path(model).resolve() == EMBEDDED_MODEL.resolve()
+
+
 def example_images(model: str, folder: str | os.PathLike | None = None) -> list[Path]:
     """The example images: `folder` (or `MAGE_EXAMPLES`) if given, else the held-out emoji for the embedded emoji model
     and the photos for any other model."""
     folder = folder or os.environ.get("MAGE_EXAMPLES")
     if folder is None:
-        embedded = Path(model).resolve() == EMBEDDED_MODEL.resolve() if Path(model).exists() else False
-        folder = EMOJI_EXAMPLES_DIR if embedded else EXAMPLES_DIR
+        folder = EMOJI_EXAMPLES_DIR if _is_embedded(model) else EXAMPLES_DIR
     paths = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"No example images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
@@ -431,7 +435,7 @@ def _checked_upload(component):
 
 def _model_title(name: str) -> str:
     """How the page names the model: the embedded one by what it is, others by their path or repo id."""
-    if Path(name).exists() and Path(name).resolve() == EMBEDDED_MODEL.resolve():
+    if _is_embedded(name):
         return "the embedded demo model (a small class-conditional MAGE trained on Noto emoji by mage-hf)"
     return f"`{name}`"
 

@@ -359,13 +359,10 @@ class MageGenerationPipeline(DiffusionPipeline):
             return None
         if num_classes == 0:
             raise ValueError("This model is class-unconditional (config.num_classes == 0); do not pass class_labels.")
-        if isinstance(class_labels, str) or (
-            isinstance(class_labels, (list, tuple)) and any(isinstance(label, str) for label in class_labels)
-        ):
-            class_labels = [
-                label if not isinstance(label, str) else self.get_label_ids(label)[0]
-                for label in ([class_labels] if isinstance(class_labels, str) else class_labels)
-            ]
+        if isinstance(class_labels, str):
+            class_labels = [class_labels]
+        if isinstance(class_labels, (list, tuple)):  # names -> ids; ids as they are
+            class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
