@@ -71,7 +71,7 @@ class Trainer:
     def forward_backward(self, pixel_values=None, input_ids=None) -> torch.Tensor:
         if pixel_values is not None:
             input_ids = self.model.mage.tokenize(pixel_values, channels_last=True)
-        out = self.model(input_ids=input_ids, generator=self.generator)
+        out = self.model(input_ids=input_ids, generator=self.generator, masked_logits_only=True)
         out.loss.backward()
         return out.loss
 
@@ -92,7 +92,8 @@ def our_flops(trainer: Trainer, images: torch.Tensor, ids: torch.Tensor) -> dict
     model, batch_size = trainer.model, images.shape[0]
 
     def step():
-        model(input_ids=ids, mask_ratio=0.55, generator=torch.Generator().manual_seed(0)).loss.backward()
+        model(input_ids=ids, mask_ratio=0.55, generator=torch.Generator().manual_seed(0),
+              masked_logits_only=True).loss.backward()
         model.zero_grad(set_to_none=True)
 
     train = count_flops(step)

@@ -178,6 +178,41 @@ def test_masked_logits_equal_forward_at_masked_positions(attn):
         model.masked_logits(torch.full((1, 256), config.vocab_size))
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_masked_logits_only_training_gives_the_same_loss_and_gradients(checkpointing):
+    """`masked_logits_only=True` (what train_mage.py uses) skips the unmasked rows of the last decoder block and the
+    head: same logits at masked positions, zeros elsewhere, and the loss and every gradient of the full computation
+    (dropped tokens, class labels, gradient checkpointing). Dropout is off so that both draw nothing."""
+    torch.manual_seed(0)
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_classes=10)
+    model = MageForMaskedImageModeling(config).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    ids = torch.randint(0, config.codebook_size, (3, 256), generator=torch.Generator().manual_seed(1))
+    results = []
+    for only in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, class_labels=torch.tensor([1, -1, 7]), mask_ratio=0.7,
+                    generator=torch.Generator().manual_seed(2), masked_logits_only=only)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (only, only_grads) = results
+    assert torch.equal(full.token_mask, only.token_mask) and torch.equal(full.token_drop_mask, only.token_drop_mask)
+    mask = only.token_mask
+    assert mask.float().mean() > 0.6 and only.token_drop_mask.any()
+    assert (full.logits - only.logits)[mask].abs().max() < 1e-5
+    assert not only.logits[~mask].any()
+    assert torch.allclose(full.loss, only.loss, rtol=1e-6, atol=0)
+    assert full_grads.keys() == only_grads.keys()
+    assert "mlm_head.dense.weight" in only_grads and "decoder.transformer.layers.1.mlp.fc2.weight" in only_grads
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, only_grads[name], rtol=1e-5, atol=1e-7), name
+    # Nothing masked: a zero loss that still belongs to the graph, as without the option.
+    out = model(input_ids=ids, token_mask=torch.zeros_like(mask), masked_logits_only=True)
+    assert out.loss.item() == 0.0 and out.loss.requires_grad and not out.logits.any()
+
+
 def test_overfits_a_fixed_batch(images):
     """With a fixed image and mask the model can memorise the masked ids: the loss must fall well below the ~ln(16)
     of a uniform guess. (Learning is slowish: the MLM scores against the detached, small-norm token embeddings.)"""

@@ -373,7 +373,8 @@ def main(args):
             labels = batch["class_labels"].to(accelerator.device) if "class_labels" in batch else None
             views = len(ids) // len(batch["index"])
             mask_ratio, noise = draw_masks(unwrapped.config, args.seed, micro, batch["index"], views)
-            out = model(input_ids=ids, class_labels=labels, mask_ratio=mask_ratio, noise=noise.to(ids.device))
+            out = model(input_ids=ids, class_labels=labels, mask_ratio=mask_ratio, noise=noise.to(ids.device),
+                        masked_logits_only=True)  # the loss and the accuracy read masked positions only
             loss = out.loss
             step_metrics = {"mage_loss": out.loss.detach(), "mask_ratio": torch.tensor(out.mask_ratio),
                             "masked_token_accuracy": (out.logits.argmax(-1) == ids)[out.token_mask].float().mean()}
