@@ -128,10 +128,13 @@ def load_average() -> str:
         return "n/a"
 
 
-def machine_header(peak: float, threads: int) -> str:
+def machine_header(peaks: list[float], threads: int) -> str:
+    """`peaks`: the sgemm throughput measured at the start and before every repeat; the floors use the highest (the
+    machine's best speed during the run, so the fractions reached are not flattered by a slow moment)."""
+    spread = f"; {len(peaks)} measurements during the run, lowest {min(peaks):.1f}" if len(peaks) > 1 else ""
     return (
         f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, {_timer['name']} time; measured fp32 "
-        f"sgemm peak {peak:.1f} GFLOP/s (2048^2, best of 5)"
+        f"sgemm peak {max(peaks):.1f} GFLOP/s (2048^2, best of 5{spread})"
     )
 
 
