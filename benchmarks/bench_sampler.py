@@ -4,7 +4,9 @@ split into the transformer steps (model + scheduler) and the VQGAN decode, in se
 counted for MAGE's full step, for the average step our sampler executes (it skips work whose result is never read) and
 for one decode, the fp32 sgemm throughput measured in the same run, the FLOP-based floor of MAGE's full steps and the
 fraction of it reached, and, given `--original-repo`, the same for the original LTH14/mage code timed alternately
-with ours in the same run. The table credits each implementation with the FLOPs it executes.
+with ours in the same run. The table credits each implementation with the FLOPs it executes. A last line per
+batch size gives a kernel bound: the time an image would take with every FLOP at the speed of the model's kernels
+timed alone and nothing else costing any time.
 
     python benchmarks/bench_sampler.py --original-repo /tmp/mage-original --deps /tmp/mage-orig-deps \
         --output benchmarks/results/sampler.txt
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
@@ -24,6 +27,7 @@ from bench_utils import (  # noqa: E402
     Row,
     clock,
     count_flops,
+    count_flops_by_kind,
     format_table,
     load_average,
     machine_header,
@@ -110,6 +114,46 @@ def our_flops(pipe: MageGenerationPipeline, steps: int) -> dict:
     return {"step": step, "decode": decode, "executed_step": run / steps}
 
 
+def _best_time(fn, calls: int = 10, tries: int = 5) -> float:
+    """Seconds per call of `fn`, best of `tries` loops of `calls` (after a warm-up)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(tries):
+        start = clock()
+        for _ in range(calls):
+            fn()
+        best = min(best, (clock() - start) / calls)
+    return best
+
+
+@torch.no_grad()
+def kernel_rates(model: MageForMaskedImageModeling, batch_size: int) -> dict:
+    """GFLOP/s of the model's own kernels timed alone, at the shapes of a full sampling step at `batch_size`, weights
+    and inputs hot in cache: the linear layers of one encoder and one decoder block (the packed path the sampler
+    takes), weighted by how many blocks each stack has, and SDPA at both stacks' head shapes. An upper bound on the
+    speed those kernels reach inside the model."""
+    config = model.config
+    seq_len = config.num_image_tokens + 1
+    stacks = [(model.mage.encoder.layers, config.num_hidden_layers),
+              (model.decoder.transformer.layers, config.decoder_num_hidden_layers)]
+    linear_flops = linear_time = attention_flops = attention_time = 0.0
+    for layers, count in stacks:
+        layer = layers[0]
+        for module in (layer.attn.qkv, layer.attn.proj, layer.mlp.fc1, layer.mlp.fc2):
+            x = torch.randn(batch_size, seq_len, module.in_features)
+            linear_time += count * _best_time(lambda m=module, x=x: cpu_kernels.linear(m, x))
+            linear_flops += count * 2 * x.numel() * module.out_features
+        heads, head_dim = layer.attn.num_heads, layer.attn.head_dim
+        qkv = torch.randn(batch_size, seq_len, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d), strided as in the model
+        attention_time += count * _best_time(
+            lambda q=q, k=k, v=v, s=layer.attn.scale: F.scaled_dot_product_attention(q, k, v, scale=s)
+        )
+        attention_flops += count * 4 * batch_size * heads * seq_len * seq_len * head_dim
+    return {"linear": linear_flops / linear_time / 1e9, "attention": attention_flops / attention_time / 1e9}
+
+
 def compile_model(model: MageForMaskedImageModeling) -> None:
     """Compile the transformer stacks and the VQ decoder in place (state-dict keys unchanged), with Inductor's
     freezing (weights as constants, so that it packs them itself: without it the compiled model was slower than the
@@ -175,6 +219,24 @@ def main(args) -> str:
         if worker:
             worker.close()
 
+    # How close these kernels could get at best: the FLOPs of a real run by kind, at the kernels' speed alone. The
+    # kernels, the decode and the sgemm peak they are compared with are measured together, at one moment.
+    bounds = {}
+    for batch_size in args.batch_sizes:
+        generators = [torch.Generator().manual_seed(i) for i in range(batch_size)]
+        with torch.no_grad(), cpu_kernels.use_packed_kernels(False):  # the counter sees the plain ops
+            kinds = count_flops_by_kind(pipe, num_images=batch_size, num_inference_steps=args.steps,
+                                        generator=generators, output_type="latent")
+        local_peak = measure_matmul_peak()
+        rates = kernel_rates(model, batch_size)
+        ids = torch.randint(0, config.codebook_size, (batch_size, config.num_image_tokens), generator=generators[0])
+        with torch.no_grad():
+            decode = _best_time(lambda ids=ids: pipe.decode(ids), calls=1, tries=3) / batch_size
+        seconds = (kinds["matmul"] / rates["linear"] + kinds["attention"] / rates["attention"]) / 1e9 / batch_size
+        local_floor = (args.steps * flops["step"] + flops["decode"]) / 1e9 / local_peak
+        bounds[batch_size] = {"rates": rates, "peak": local_peak, "decode": decode, "total": seconds + decode,
+                              "floor": local_floor}
+
     rows, baseline = [], {}
     for (name, batch_size), runs in results.items():
         run = min(runs, key=lambda r: r["total"])
@@ -226,6 +288,16 @@ def main(args) -> str:
                 f"batch {batch_size} speed-up per repeat (original / ours, run back to back): "
                 f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {ratios[len(ratios) // 2]:.2f}x"
             )
+    for batch_size, bound in bounds.items():
+        rates, local_peak = bound["rates"], bound["peak"]
+        lines.append(
+            f"kernel bound, batch {batch_size} (measured together with an sgemm peak of {local_peak:.0f} GFLOP/s): "
+            f"the linears alone run at {rates['linear']:.0f} GFLOP/s ({rates['linear'] / local_peak:.0%} of that "
+            f"peak), SDPA alone at {rates['attention']:.0f} GFLOP/s ({rates['attention'] / local_peak:.0%}), the "
+            f"decode alone takes {bound['decode']:.2f} s/img; with every FLOP of a real run at those speeds and "
+            f"nothing else costing any time, an image would take {bound['total']:.2f} s = "
+            f"{bound['floor'] / bound['total']:.0%} of the full-step floor at that peak"
+        )
     if compile_note:
         lines.append(compile_note)
     report = "\n".join(lines)

@@ -23,6 +23,7 @@ __all__ = [
     "Row",
     "clock",
     "count_flops",
+    "count_flops_by_kind",
     "format_table",
     "machine_header",
     "measure_matmul_peak",
@@ -119,6 +120,16 @@ def count_flops(fn, *args, **kwargs) -> int:
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops()
+
+
+def count_flops_by_kind(fn, *args, **kwargs) -> dict[str, int]:
+    """As [`count_flops`], split into "attention" (the SDPA kernels) and "matmul" (everything else counted: linears,
+    batched matmuls, convolutions)."""
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        fn(*args, **kwargs)
+    by_op = counter.get_flop_counts()["Global"]
+    attention = sum(n for op, n in by_op.items() if "scaled_dot_product" in str(op))
+    return {"attention": attention, "matmul": sum(by_op.values()) - attention}
 
 
 def load_average() -> str:

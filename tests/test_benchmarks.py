@@ -15,7 +15,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_sampler  # noqa: E402
 import bench_training  # noqa: E402
-from bench_utils import Row, count_flops, format_table, tiny_config  # noqa: E402
+from bench_utils import Row, count_flops, count_flops_by_kind, format_table, machine_header, tiny_config  # noqa: E402
 
 from mage_hf import MageForMaskedImageModeling  # noqa: E402
 
@@ -37,6 +37,23 @@ def test_attention_flops_are_counted_the_same_for_sdpa_and_eager():
     projections = 2 * b * n * d * 3 * d + 2 * b * n * d * d  # qkv and output projection
     attention = 2 * 2 * b * n * n * d  # QK^T and PV over all heads
     assert counts["sdpa", "layer"] == counts["eager", "layer"] == projections + attention
+
+
+def test_flops_split_into_attention_and_matmuls():
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    layer = model.mage.encoder.layers[0].attn
+    x = torch.zeros(2, model.config.num_image_tokens + 1, model.config.hidden_size)
+    b, n, d = x.shape
+    with torch.no_grad():
+        kinds = count_flops_by_kind(layer, x)
+        total = count_flops(layer, x)
+    assert kinds == {"attention": 2 * 2 * b * n * n * d, "matmul": 2 * b * n * d * 3 * d + 2 * b * n * d * d}
+    assert sum(kinds.values()) == total
+
+
+def test_machine_header_takes_the_highest_peak():
+    header = machine_header([310.0, 352.5, 298.25], threads=2)
+    assert "peak 352.5 GFLOP/s" in header and "3 measurements" in header and "lowest 298.2" in header
 
 
 def test_table_reports_speed_up_and_fraction_of_peak():
@@ -65,6 +82,12 @@ def test_sampler_benchmark_runs_on_a_tiny_model(tmp_path):
         steps, decode, total = _numbers(line)[:3]
         assert steps > 0 and decode > 0 and total == pytest.approx(steps + decode, abs=2e-3)
     assert "FLOP-based floor" in report
+    bounds = [line for line in report.splitlines() if line.startswith("kernel bound, batch ")]
+    assert len(bounds) == 2
+    for line in bounds:
+        linear, attention = re.search(r"linears alone run at (\d+) GFLOP/s .* SDPA alone at (\d+) GFLOP/s", line).groups()
+        fraction = re.search(r"= (\d+)% of the full-step floor", line).group(1)
+        assert int(linear) > 0 and int(attention) > 0 and int(fraction) > 0
 
 
 def test_training_benchmark_runs_on_a_tiny_model():
