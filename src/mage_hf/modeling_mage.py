@@ -681,12 +681,12 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             rows = self.mlm_head(decoded, word_embeddings, config.codebook_size)  # (M, K), masked rows in order
             logits = rows.new_zeros(*token_mask.shape, rows.shape[-1]).index_put((token_mask,), rows)  # (B, L, K)
             if labels is not None:
-                loss = masked_rows_loss(rows, labels[token_mask], config.label_smoothing)
+                loss = masked_token_loss(rows, labels[token_mask], config.label_smoothing)
         else:
             decoded = self.decoder(encoder_outputs.last_hidden_state, token_mask, present)  # (B, 1+L, Dd)
             logits = self.mlm_head(decoded[:, 1:], word_embeddings, config.codebook_size)  # (B, L, K)
             if labels is not None:
-                loss = masked_token_loss(logits, labels, token_mask, config.label_smoothing)
+                loss = masked_token_loss(logits[token_mask], labels[token_mask], config.label_smoothing)
 
         output = MageMaskedImageModelingOutput(
             loss=loss,
@@ -753,22 +753,12 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
         return logits
 
 
-def masked_token_loss(
-    logits: torch.Tensor, labels: torch.LongTensor, token_mask: torch.BoolTensor, label_smoothing: float
-) -> torch.Tensor:
-    """Label-smoothed cross-entropy over the codebook, averaged over masked positions (MAGE's loss)."""
-    per_token = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), reduction="none", label_smoothing=label_smoothing
-    ).view_as(labels)  # (B, L)
-    mask = token_mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def masked_rows_loss(rows: torch.Tensor, labels: torch.LongTensor, label_smoothing: float) -> torch.Tensor:
-    """[`masked_token_loss`] from the logits of the masked positions only: `rows` `(M, K)`, `labels` `(M,)`."""
-    if rows.shape[0] == 0:
-        return rows.sum()  # nothing masked: zero, as masked_token_loss, and still part of the graph
-    return F.cross_entropy(rows.float(), labels, label_smoothing=label_smoothing)
+def masked_token_loss(logits: torch.Tensor, labels: torch.LongTensor, label_smoothing: float) -> torch.Tensor:
+    """MAGE's loss: label-smoothed cross-entropy over the codebook, averaged over the masked positions, from their
+    logits `(M, K)` and target ids `(M,)`. Zero (still part of the graph) when nothing is masked."""
+    if logits.shape[0] == 0:
+        return logits.sum()
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
 class MageForImageClassification(MagePreTrainedModel):
