@@ -3,6 +3,12 @@ packed weight."""
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,8 +158,59 @@ def test_inference_in_place_paths_match_the_autograd_path():
         assert torch.equal(a, b.detach())
 
 
+def _can_build_native() -> bool:
+    """Where the native kernels must build: Linux on x86-64 with a C++ compiler, unless turned off."""
+    off = os.environ.get("MAGE_HF_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    return sys.platform == "linux" and platform.machine() == "x86_64" and compiler is not None and not off
+
+
+@pytest.fixture(params=["native", "numpy"])
+def dropout_path(request, monkeypatch):
+    """Run a dropout test with the native kernel (which must build where `_can_build_native`) and with the
+    pure-torch fallback."""
+    if request.param == "native":
+        if not cpu_kernels.native_ops_available():
+            assert not _can_build_native(), "the native CPU kernels should build on this machine"
+            pytest.skip("the native CPU kernels are not available here")
+    else:
+        monkeypatch.setitem(cpu_kernels._native, "state", False)
+    return request.param
+
+
+def test_native_kernels_build_where_expected():
+    assert cpu_kernels.native_ops_available() == _can_build_native()
+
+
+def test_native_kernels_fall_back_with_a_reason_when_they_cannot_build(tmp_path):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    broken = tmp_path / "cpu_ops.cpp"
+    broken.write_text("#include <torch/library.h>\nthis is not C++;\n")
+    # In a fresh process: this one may have registered the real kernels already.
+    script = f"""
+import logging, pathlib, torch
+from mage_hf import cpu_kernels
+logging.basicConfig(level=logging.WARNING)
+cpu_kernels._SOURCE = pathlib.Path({str(broken)!r})
+assert cpu_kernels.native_ops_available() is False
+x = torch.ones(100, requires_grad=True)
+cpu_kernels.dropout(x, 0.5).sum().backward()  # the fallback path works
+assert set(x.grad.unique().tolist()) <= {{0.0, 2.0}}
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "build"), "MAGE_HF_NATIVE_KERNELS": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "native CPU kernels could not be built" in run.stderr and "MAGE_HF_NATIVE_KERNELS=0" in run.stderr
+    # Turned off: not even tried, and nothing is logged.
+    env["MAGE_HF_NATIVE_KERNELS"] = "0"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "could not be built" not in run.stderr
+
+
 @pytest.mark.parametrize("p", [0.1, 0.3])
-def test_dropout_rate_scale_and_gradient(p):
+def test_dropout_rate_scale_and_gradient(p, dropout_path):
     x = torch.ones(400, 1000, requires_grad=True)
     torch.manual_seed(0)
     out = cpu_kernels.dropout(x, p)
@@ -169,7 +226,62 @@ def test_dropout_rate_scale_and_gradient(p):
     assert torch.equal(x.grad, out.detach())  # the gradient passes through the same mask and scale
 
 
-def test_dropout_follows_torch_seed_and_generator_state():
+def test_native_dropout_masks_are_uniform_independent_and_thread_count_free():
+    if not cpu_kernels.native_ops_available():
+        assert not _can_build_native(), "the native CPU kernels should build on this machine"
+        pytest.skip("the native CPU kernels are not available here")
+    x = torch.ones(1000, 1003)  # not a multiple of 4 elements: the partial last block is drawn too
+    torch.manual_seed(3)
+    out = cpu_kernels.dropout(x, 0.25)
+    zero = (out == 0).reshape(-1)
+    # Each of the four 16-bit lanes of a draw drops at the rate, and neighbouring lanes are uncorrelated.
+    lanes = zero[: zero.numel() // 4 * 4].reshape(-1, 4).float()
+    std = (0.25 * 0.75 / lanes.shape[0]) ** 0.5
+    assert torch.all((lanes.mean(0) - 0.25).abs() < 5 * std), lanes.mean(0)
+    both = (lanes[:, 0] * lanes[:, 1]).mean().item()
+    assert abs(both - 0.25**2) < 5 * (0.0625 * 0.9375 / lanes.shape[0]) ** 0.5
+    assert zero[-3:].float().sum() < 3 or out.numel() % 4 == 0  # the tail is drawn, not all dropped
+    # The mask is a function of the seed and the element index only, not of how the work is split.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        assert torch.equal(cpu_kernels.dropout(x, 0.25), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_dropout_in_place_and_non_contiguous_inputs(dropout_path):
+    torch.manual_seed(0)
+    base = torch.randn(64, 48, requires_grad=True)
+    hidden = F.gelu(base * 2)  # GELU's backward reads its input, so its output may be dropped in place
+    torch.manual_seed(5)
+    expected = cpu_kernels.dropout(hidden.detach().clone(), 0.2)
+    torch.manual_seed(5)
+    out = cpu_kernels.dropout(hidden, 0.2, inplace=True)
+    assert torch.equal(out.detach(), expected)
+    if dropout_path == "native":
+        assert out.data_ptr() == hidden.data_ptr()
+    out.sum().backward()
+    torch.manual_seed(5)
+    mask = cpu_kernels.dropout(torch.ones_like(hidden), 0.2)  # the same draw: the scale where kept, 0 elsewhere
+    reference = torch.autograd.grad(F.gelu(base * 2).mul(mask).sum(), base)[0]
+    assert torch.equal(base.grad, reference)
+    # A tensor some node saved for its backward (sigmoid's output) cannot be dropped in place: autograd says so.
+    if dropout_path == "native":
+        saved = torch.sigmoid(base)
+        dropped = cpu_kernels.dropout(saved, 0.2, inplace=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            dropped.sum().backward()
+    # Non-contiguous input: same mask as its contiguous copy.
+    x = torch.randn(32, 40).t()
+    torch.manual_seed(7)
+    a = cpu_kernels.dropout(x, 0.1)
+    torch.manual_seed(7)
+    assert torch.equal(a, cpu_kernels.dropout(x.contiguous(), 0.1))
+
+
+def test_dropout_follows_torch_seed_and_generator_state(dropout_path):
     x = torch.randn(64, 64)
     torch.manual_seed(1)
     a = cpu_kernels.dropout(x, 0.1)

@@ -22,20 +22,36 @@ memory as the weight it packs. It is dropped with its module and rebuilt when th
 `.data`); `set_enabled(False)` turns the mechanism off and frees the copies.
 
 Dropout: `torch.nn.functional.dropout` on the CPU draws its keep mask with `bernoulli_`, about 6 ns per element on
-these machines. MAGE drops out attention probabilities and MLP activations (about 27 M elements per image and training
-step at the ViT-B shape), so that was 18% of a ViT-B training step. [`dropout`] takes 16 random bits per element from
-numpy's SFC64 generator (a fast, well-tested 64-bit generator; 0.1 ns per element), seeded with one draw from torch's
-default generator per call. So it follows `torch.manual_seed` and a saved/restored generator state like `nn.Dropout`,
-though the two draw different masks. The drop probability is `p` rounded to a multiple of 2^-16 (0.1 becomes
-0.100006), and kept values are scaled by the inverse of the exact keep probability, so the expected value is
-unchanged. CUDA tensors and compiled graphs use `F.dropout` (fused there).
+these machines, and keeps it as a full tensor for the backward pass. MAGE drops out attention probabilities and MLP
+activations (about 27 M elements per image and training step at the ViT-B shape), so that was 18% of a ViT-B training
+step. [`dropout`] decides each element from 16 random bits: the drop probability is `p` rounded to a multiple of
+2^-16 (0.1 becomes 0.100006), and kept values are scaled by the inverse of the exact keep probability, so the
+expected value is unchanged. Each call takes one seed from torch's default generator, so it follows
+`torch.manual_seed` and a saved/restored generator state like `nn.Dropout` (the masks differ from `nn.Dropout`'s).
+The bits come from one of two places:
+
+* the native kernel (`csrc/cpu_ops.cpp`, compiled with the local C++ compiler on first use and cached by
+  `torch.utils.cpp_extension`): counter-based bits (splitmix64 of the seed and the element's index), so the mask is
+  never stored: the forward and backward passes are each one pass over the data, and the backward pass recomputes
+  the mask it needs;
+* otherwise (no compiler, `MAGE_HF_NATIVE_KERNELS=0`, or a dtype other than float32) numpy's SFC64 generator seeded
+  with the seed, with the mask kept as a float tensor for the backward pass.
+
+The two draw different masks from the same seed, so a run resumed on a machine that cannot build the kernel does not
+repeat the masks of the interrupted run. CUDA tensors and compiled graphs use `F.dropout` (fused there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import math
+import os
+import platform
+import threading
 import weakref
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,10 +65,13 @@ __all__ = [
     "dropout",
     "is_enabled",
     "linear",
+    "native_ops_available",
     "packed_linear",
     "set_enabled",
     "use_packed_kernels",
 ]
+
+logger = logging.getLogger(__name__)
 
 _state = {"enabled": True}
 # module -> {tag: (key, packed weight, weakref to the source weight, sampled values)}. Weak, so that a packed copy
@@ -256,6 +275,59 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach()
 
 
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+_native = {"state": None}  # None: not tried yet; then True (loaded) or False (unavailable)
+_native_lock = threading.Lock()
+
+
+def _cpu_fingerprint() -> str:
+    # The kernel is compiled for the build machine's instruction set (-march=native), and the build cache may be
+    # shared between machines (a network home directory), so the CPU's feature flags are part of its name.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return flags or platform.processor() or platform.machine()
+
+
+def native_ops_available() -> bool:
+    """Whether the native CPU kernels (`csrc/cpu_ops.cpp`) are loaded, compiling them on the first call (a few
+    seconds, then cached). False when `MAGE_HF_NATIVE_KERNELS=0` or when they cannot be built here (no C++ compiler,
+    or a platform it does not support); the callers then use the pure-torch paths, and the first failure is logged
+    once with its reason."""
+    if _native["state"] is None:
+        with _native_lock:
+            if _native["state"] is None:
+                _native["state"] = _load_native()
+    return _native["state"]
+
+
+def _load_native() -> bool:
+    if os.environ.get("MAGE_HF_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if hasattr(torch.ops.mage_hf, "dropout_mask_mul"):
+        return True  # loaded already (by another copy of this module)
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    key = "\n".join([_SOURCE.read_text(), torch.__version__, _cpu_fingerprint(), " ".join(flags)])
+    name = "mage_hf_cpu_ops_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+    try:
+        from torch.utils.cpp_extension import load
+
+        # `-fopenmp` makes `at::parallel_for` use torch's OpenMP thread pool: the library is linked against
+        # `libgomp.so.1`, which resolves to the copy torch has already loaded.
+        load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, unsupported flags, a read-only cache...: fall back, say why once
+        logger.warning(
+            "mage_hf: the native CPU kernels could not be built (%s: %s); training dropout uses the slower "
+            "pure-torch path. Set MAGE_HF_NATIVE_KERNELS=0 to skip this attempt.",
+            type(error).__name__, str(error).strip().splitlines()[-1] if str(error).strip() else "",
+        )
+        return False
+    return hasattr(torch.ops.mage_hf, "dropout_mask_mul")
+
+
 def _random_int16(shape: torch.Size) -> torch.Tensor:
     """Uniform random int16 values (all 65536 equally likely) of `shape`, from numpy's SFC64 generator seeded by one
     draw from torch's default CPU generator: four values per 64-bit output, about 0.1 ns each."""
@@ -265,8 +337,35 @@ def _random_int16(shape: torch.Size) -> torch.Tensor:
     return torch.from_numpy(raw).view(torch.int16)[:numel].view(shape)
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`F.dropout(x, p, training)`, with the cheaper keep mask described in the module docstring for CPU tensors."""
+class _NativeDropout(torch.autograd.Function):
+    """x * mask * scale with the native kernel's counter-based mask; the backward pass applies the same mask,
+    recomputed from the seed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, drop: int, scale: float) -> torch.Tensor:
+        ctx.mask_args = (seed, drop, scale)
+        return torch.ops.mage_hf.dropout_mask_mul(x.contiguous(), seed, drop, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return torch.ops.mage_hf.dropout_mask_mul(grad.contiguous(), *ctx.mask_args), None, None, None
+
+
+class _NativeDropoutInplace(_NativeDropout):
+    """[`_NativeDropout`] written into `x` (autograd checks that no other node saved `x` for its backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, drop: int, scale: float) -> torch.Tensor:
+        ctx.mask_args = (seed, drop, scale)
+        ctx.mark_dirty(x)
+        return torch.ops.mage_hf.dropout_mask_mul_(x, seed, drop, scale)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """`F.dropout(x, p, training, inplace)`, with the cheaper keep mask described in the module docstring for CPU
+    tensors. `inplace` is a hint: the native kernel writes into a contiguous `x` (saving a fresh activation, which
+    costs more than the pass itself on these machines), the other paths return a new tensor. As with `F.dropout`,
+    only pass it for a tensor no autograd node has saved (autograd raises an error if one has)."""
     if not training or p == 0.0:
         return x
     if not (0.0 < p < 1.0) or not _state["enabled"] or x.device.type != "cpu" or not x.is_floating_point():
@@ -276,8 +375,14 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     drop = round(p * 65536)  # values in [-32768, -32768 + drop) are dropped: P(drop) = drop / 2^16
     if drop in (0, 65536):
         return F.dropout(x, p, training)  # p too close to 0 or 1 for 16 bits
+    scale = 65536 / (65536 - drop)
+    if x.dtype == torch.float32 and type(x) is torch.Tensor and native_ops_available():
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        if inplace and x.is_contiguous() and not x._is_view() and not x.is_leaf:
+            return _NativeDropoutInplace.apply(x, seed, drop, scale)
+        return _NativeDropout.apply(x, seed, drop, scale)
     # The keep mask in x's dtype, scaled by the inverse of the exact keep probability. (A bool mask would be
     # converted to floats on every use, forward and backward; bool -> float is a slow conversion on the CPU, while
     # the same bytes read as uint8 convert fast.)
     keep = (_random_int16(x.shape) >= drop - 32768).view(torch.uint8).to(x.dtype)
-    return x * keep.mul_(65536 / (65536 - drop))
+    return x * keep.mul_(scale)

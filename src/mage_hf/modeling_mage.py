@@ -114,7 +114,7 @@ class MageEmbeddings(nn.Module):
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         positions = self.position_embeddings.weight[: input_ids.shape[1]]  # (1+L, D)
         embeddings = self.layer_norm(self.word_embeddings(input_ids) + positions)  # (B, 1+L, D)
-        return cpu_kernels.dropout(embeddings, self.dropout, self.training)
+        return cpu_kernels.dropout(embeddings, self.dropout, self.training, inplace=True)  # a fresh LayerNorm output
 
 
 class MageAttention(nn.Module):
@@ -160,7 +160,7 @@ class MageAttention(nn.Module):
             out = out[rows]  # (M, D): the output projection only where it is needed
         # M changes from call to call, so that projection takes the plain op (see `cpu_kernels.packed_linear`).
         proj = cpu_kernels.linear(self.proj, out, pack=rows is None)
-        return cpu_kernels.dropout(proj, self.proj_dropout, self.training), weights
+        return cpu_kernels.dropout(proj, self.proj_dropout, self.training, inplace=True), weights
 
 
 class MageMLP(nn.Module):
@@ -179,8 +179,9 @@ class MageMLP(nn.Module):
             hidden = torch.ops.aten.gelu_(hidden)  # inference: no new (B, N, I) buffer, the same values
         else:
             hidden = self.act(hidden)
-        hidden = cpu_kernels.dropout(hidden, self.dropout, self.training)
-        return cpu_kernels.dropout(cpu_kernels.linear(self.fc2, hidden, pack), self.dropout, self.training)
+        # In place: GELU's and the linear layers' backward passes read their inputs, not these outputs.
+        hidden = cpu_kernels.dropout(hidden, self.dropout, self.training, inplace=self.exact_gelu)
+        return cpu_kernels.dropout(cpu_kernels.linear(self.fc2, hidden, pack), self.dropout, self.training, inplace=True)
 
 
 def _records_grad(x: torch.Tensor) -> bool:
@@ -189,8 +190,9 @@ def _records_grad(x: torch.Tensor) -> bool:
 
 def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """`x + branch`. Without autograd the sum is written into `branch` (a fresh block output): on the CPU a new
-    activation per add costs more than the add itself (fresh memory), and `branch + x` is bitwise `x + branch`."""
-    if _records_grad(x) or _records_grad(branch):
+    activation per add costs more than the add itself (fresh memory), and `branch + x` is bitwise `x + branch`. Not
+    when that would change the result's dtype (a bfloat16 branch under autocast, which the sum promotes)."""
+    if _records_grad(x) or _records_grad(branch) or branch.dtype != torch.result_type(x, branch):
         return x + branch
     return branch.add_(x)
 
