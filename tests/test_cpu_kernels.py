@@ -51,8 +51,15 @@ def test_packed_linear_matches_the_plain_op(shape, bias):
         out = cpu_kernels.linear(layer, x)
         assert layer in _PACKED  # the fast path was taken
         torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-        # A different number of rows packs again rather than reusing the wrong packing.
-        torch.testing.assert_close(cpu_kernels.linear(layer, x[:2]), layer(x[:2]), rtol=1e-5, atol=1e-5)
+        # A different number of rows never reuses the wrong packing: once, it takes the plain op (the packed copy is
+        # kept for the usual count); twice in a row, it packs again.
+        rows = x.numel() // 48
+        assert torch.equal(cpu_kernels.linear(layer, x[:1]), layer(x[:1]))
+        assert _PACKED[layer]["weight"][0][0] == rows
+        torch.testing.assert_close(cpu_kernels.linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)  # packed again
+        assert torch.equal(cpu_kernels.linear(layer, x[:1]), layer(x[:1]))
+        torch.testing.assert_close(cpu_kernels.linear(layer, x[:1]), layer(x[:1]), rtol=1e-5, atol=1e-5)
+        assert _PACKED[layer]["weight"][0][0] == x[:1].numel() // 48
         # pack=False (row counts that change every call) takes the plain op and packs nothing.
         fresh = nn.Linear(48, 40, bias=bias)
         assert torch.equal(cpu_kernels.linear(fresh, x, pack=False), fresh(x)) and fresh not in _PACKED

@@ -77,6 +77,8 @@ _state = {"enabled": True}
 # module -> {tag: (key, packed weight, weakref to the source weight, sampled values)}. Weak, so that a packed copy
 # never outlives its module and is never part of its state (no state-dict keys, no deep copies of opaque tensors).
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# module -> {tag: row count of the last call that did not match the packed copy's} (see `packed_linear`).
+_ROW_MISSES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _has_ops(namespace, *names: str) -> bool:
@@ -99,7 +101,7 @@ def set_enabled(enabled: bool) -> None:
     copies."""
     _state["enabled"] = bool(enabled)
     if not enabled:
-        _PACKED.clear()
+        clear_cache()
 
 
 def is_enabled() -> bool:
@@ -168,6 +170,7 @@ def _packed(owner: nn.Module, tag: str, source: torch.Tensor, weight: torch.Tens
 def clear_cache() -> None:
     """Drop every packed weight (they are rebuilt on the next call)."""
     _PACKED.clear()
+    _ROW_MISSES.clear()
 
 
 def packed_linear(
@@ -188,9 +191,18 @@ def packed_linear(
     rows = x.numel() // x.shape[-1] if x.ndim >= 2 else 0
     if not (pack and _HAS_MKL_LINEAR and rows > 0 and _tensors_ok(x, weight, bias)):
         return F.linear(x, weight, bias)
+    # The packing is specific to the number of rows. A row count that differs from the packed one only once in a
+    # row takes the plain op instead of re-packing: batched sampling computes its first step once for all the
+    # identical rows (`masked_logits`) and the other steps at the full batch, and re-packing twice per call cost
+    # 1% of a batch-4 sampling run. Two calls in a row with the new count re-pack.
+    entry = _PACKED.get(owner, {}).get(tag)
+    misses = _ROW_MISSES.setdefault(owner, {})
+    if entry is not None and entry[0][0] != rows and misses.get(tag) != rows:
+        misses[tag] = rows
+        return F.linear(x, weight, bias)
+    misses.pop(tag, None)
     source = weight if source is None else source
     weight = weight.detach()
-    # The packing is specific to the number of rows.
     key = (rows, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
     packed = _packed(
         owner, tag, source, weight, key, lambda: torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), rows)
