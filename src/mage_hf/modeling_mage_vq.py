@@ -44,12 +44,6 @@ class MageVQEncoderOutput(ModelOutput):
     latents: torch.FloatTensor | None = None
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    """swish, in place when no autograd graph needs `x` (the output of a GroupNorm, used nowhere else): one large
-    activation fewer to allocate per call."""
-    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
-
-
 def _to_conv_layout(x: torch.Tensor) -> torch.Tensor:
     """On the CPU the decoder's convolutions run in channels-last (NHWC) layout, which oneDNN computes without
     converting every activation to and from its blocked layout, and with weights packed once (`cpu_kernels`); see
@@ -75,16 +69,24 @@ class MageVQResnetBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = cpu_kernels.conv2d(self.conv1, _silu(self.norm1(x)))
-        h = _silu(self.norm2(h))
+    def forward(self, x: torch.Tensor, scratch: list | None = None) -> torch.Tensor:
+        """`scratch`: a one-item list with a spare activation (or `None`) that the block may overwrite; the block
+        leaves its own spare there, shaped like its output, for the next block. On the CPU every new activation is
+        tens of MB of first-touched memory at 256x256, which costs more than the pass that fills it."""
+        spare = scratch[0] if scratch else None
+        h = cpu_kernels.conv2d(self.conv1, cpu_kernels.group_norm_silu(self.norm1, x, out=spare))
+        h = cpu_kernels.group_norm_silu(self.norm2, h, out=h)  # in place where possible: h is a fresh output
         # The sums are formed in place, in fresh convolution outputs (no convolution saves its output for backward,
         # so this is autograd-safe) or, in CPU inference, in the block's input by the convolution itself: at 256x256
         # every new activation is tens of MB of first-touched memory. So without autograd this block consumes `x`.
         if self.nin_shortcut is not None:
-            h = cpu_kernels.conv2d(self.conv2, h)
-            return cpu_kernels.conv2d(self.nin_shortcut, h).add_(h)
-        return cpu_kernels.conv2d_add_(self.conv2, h, x)
+            out = cpu_kernels.conv2d(self.conv2, h)
+            out = cpu_kernels.conv2d(self.nin_shortcut, out).add_(out)
+        else:
+            out = cpu_kernels.conv2d_add_(self.conv2, h, x)
+        if scratch is not None:
+            scratch[0] = h  # read by conv2 only, so free now
+        return out
 
 
 class MageVQUpsample(nn.Module):
@@ -137,13 +139,15 @@ class MageVQEncoder(nn.Module):
             h = cpu_kernels.conv2d(self.conv_in, _to_conv_layout(pixel_values))
         else:
             h = self.conv_in(pixel_values)
+        scratch = [None]  # a spare activation handed from block to block (see `MageVQResnetBlock.forward`)
         for i, level in enumerate(self.down):
             for block in level.block:
-                h = block(h)
+                h = block(h, scratch)
             if i != len(self.down) - 1:
                 h = F.avg_pool2d(h, kernel_size=2, stride=2)
-        h = self.mid["block_2"](self.mid["block_1"](h))
-        return cpu_kernels.conv2d(self.conv_out, _silu(self.norm_out(h))).contiguous()  # (B, embed_dim, h, w)
+        h = self.mid["block_2"](self.mid["block_1"](h, scratch), scratch)
+        h = cpu_kernels.group_norm_silu(self.norm_out, h, out=h)
+        return cpu_kernels.conv2d(self.conv_out, h).contiguous()  # (B, embed_dim, h, w)
 
 
 class MageVQDecoder(nn.Module):
@@ -171,14 +175,16 @@ class MageVQDecoder(nn.Module):
 
     def forward(self, quantized: torch.Tensor) -> torch.Tensor:
         h = cpu_kernels.conv2d(self.conv_in, _to_conv_layout(quantized))
-        h = self.mid["block_2"](self.mid["block_1"](h))
+        scratch = [None]  # a spare activation handed from block to block (see `MageVQResnetBlock.forward`)
+        h = self.mid["block_2"](self.mid["block_1"](h, scratch), scratch)
         for i in reversed(range(len(self.up))):
             level = self.up[i]
             for block in level.block:
-                h = block(h)
+                h = block(h, scratch)
             if i != 0:
                 h = level.upsample(h)
-        return cpu_kernels.conv2d(self.conv_out, _silu(self.norm_out(h))).contiguous()  # (B, 3, H, W)
+        h = cpu_kernels.group_norm_silu(self.norm_out, h, out=h)
+        return cpu_kernels.conv2d(self.conv_out, h).contiguous()  # (B, 3, H, W)
 
 
 class MageVQQuantizer(nn.Module):
