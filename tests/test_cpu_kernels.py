@@ -398,3 +398,47 @@ def test_group_norm_silu_falls_back_to_torch_for_autograd_and_other_layouts():
     torch.testing.assert_close(out, F.silu(norm(x)))
     with torch.no_grad():
         assert torch.equal(cpu_kernels.group_norm_silu(norm, x), F.silu(norm(x)))  # NCHW: the torch ops, exactly
+
+
+@needs_mkldnn
+def test_conv2d_into_a_spare_gives_the_convolution_and_makes_no_new_tensor():
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+    x = torch.randn(2, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = cpu_kernels.conv2d(conv, x)
+        spare = torch.full((2, 24, 12, 12), float("nan")).contiguous(memory_format=torch.channels_last)
+        out = cpu_kernels.conv2d(conv, x, out=spare)
+        assert out.data_ptr() == spare.data_ptr()  # written into the spare (its old contents ignored)
+        torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+        for unusable in (torch.empty(2, 24, 12, 11), torch.empty(2, 24, 12, 12)):  # wrong shape; NCHW layout
+            result = cpu_kernels.conv2d(conv, x, out=unusable)
+            assert result.data_ptr() != unusable.data_ptr() and torch.equal(result, plain)
+        strided = nn.Conv2d(16, 24, 3, stride=2, padding=1)  # the output is smaller: no spare of the input's size
+        assert cpu_kernels.conv2d(strided, x, out=spare).shape == (2, 24, 6, 6)
+
+
+def test_vq_blocks_reuse_spares_without_changing_results():
+    """The encoder and decoder hand spare activations from block to block in CPU inference; repeated calls and a
+    call whose blocks get no spares give the same images and ids."""
+    torch.manual_seed(0)
+    vq = MageForMaskedImageModeling(tiny_config()).mage.vq_model.eval()
+    ids = torch.randint(0, vq.config.num_embeddings, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first, second = vq.decode(ids), vq.decode(ids)
+        assert torch.equal(first, second)
+        assert torch.equal(vq.encode(images, channels_last=True).token_ids,
+                           vq.encode(images, channels_last=True).token_ids)
+        quantized = vq.quantize.lookup(ids).contiguous(memory_format=torch.channels_last)
+        decoder = vq.decoder
+        h = cpu_kernels.conv2d(decoder.conv_in, quantized)
+        h = decoder.mid["block_2"](decoder.mid["block_1"](h))  # no scratch list: every block allocates
+        for i in reversed(range(len(decoder.up))):
+            for block in decoder.up[i].block:
+                h = block(h)
+            if i != 0:
+                h = decoder.up[i].upsample(h)
+        h = cpu_kernels.group_norm_silu(decoder.norm_out, h)
+        torch.testing.assert_close(cpu_kernels.conv2d(decoder.conv_out, h).contiguous(), first, rtol=1e-6, atol=1e-6)

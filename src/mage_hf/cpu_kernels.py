@@ -232,26 +232,36 @@ def _conv_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
-def conv2d(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def conv2d(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`module(x)`; on the CPU without autograd and for channels-last input, oneDNN with a weight reordered once per
-    input shape."""
+    input shape. `out`: a spare tensor the result may be written into (zeroed, then the convolution's fused sum
+    adds into it; see [`conv2d_add_`]), so that no new activation is made; it is used only when it has the output's
+    shape and layout. Always use the returned tensor."""
     if not _conv_ok(module, x):
         return module(x)
+    if out is not None and type(out) is torch.Tensor and out.dtype == x.dtype and _same_size(module):
+        if out.shape == (x.shape[0], module.out_channels, *x.shape[2:]) and out.data_ptr() != x.data_ptr():
+            if out.is_contiguous(memory_format=torch.channels_last) and not out.requires_grad:
+                return conv2d_add_(module, x, out.zero_())  # conv(x) + 0: the convolution's values
     packed, padding, stride, dilation = _packed_conv(module, x)
     return torch.ops.mkldnn._convolution_pointwise(
         x, packed, _detached(module.bias), padding, stride, dilation, module.groups, "none", [], ""
     )
 
 
+def _same_size(module: nn.Conv2d) -> bool:
+    """Whether the convolution's output has its input's height and width."""
+    return module.stride == (1, 1) and all(
+        2 * p == d * (k - 1) for p, d, k in zip(module.padding, module.dilation, module.kernel_size)
+    )
+
+
 def conv2d_add_(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """`module(x) + residual`. On the fast path of [`conv2d`] the sum is oneDNN's fused post-op, written into
     `residual` (no new activation, no separate pass), so `residual` must be a buffer the caller no longer needs."""
-    same_size = module.stride == (1, 1) and all(
-        2 * p == d * (k - 1) for p, d, k in zip(module.padding, module.dilation, module.kernel_size)
-    )  # so the output has the input's height and width
     if not (
         _conv_ok(module, x)
-        and same_size
+        and _same_size(module)
         and type(residual) is torch.Tensor
         and residual.dtype == x.dtype
         and residual.shape == (x.shape[0], module.out_channels, *x.shape[2:])

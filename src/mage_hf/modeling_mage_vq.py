@@ -70,12 +70,13 @@ class MageVQResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, scratch: list | None = None) -> torch.Tensor:
-        """`scratch`: a one-item list with a spare activation (or `None`) that the block may overwrite; the block
-        leaves its own spare there, shaped like its output, for the next block. On the CPU every new activation is
-        tens of MB of first-touched memory at 256x256, which costs more than the pass that fills it."""
-        spare = scratch[0] if scratch else None
-        h = cpu_kernels.conv2d(self.conv1, cpu_kernels.group_norm_silu(self.norm1, x, out=spare))
-        h = cpu_kernels.group_norm_silu(self.norm2, h, out=h)  # in place where possible: h is a fresh output
+        """`scratch`: a list of spare activations (possibly empty) that the block may overwrite; the block leaves its
+        own there for the next block. On the CPU every new activation is tens of MB of first-touched memory at
+        256x256, which costs more than the pass that fills it; with the spares, a block makes none."""
+        spares = scratch if scratch is not None else []
+        a = cpu_kernels.group_norm_silu(self.norm1, x, out=_take(spares, x.shape))
+        h = cpu_kernels.conv2d(self.conv1, a, out=_take(spares, (x.shape[0], self.conv1.out_channels, *x.shape[2:])))
+        h = cpu_kernels.group_norm_silu(self.norm2, h, out=h)  # in place where possible: h is the block's own
         # The sums are formed in place, in fresh convolution outputs (no convolution saves its output for backward,
         # so this is autograd-safe) or, in CPU inference, in the block's input by the convolution itself: at 256x256
         # every new activation is tens of MB of first-touched memory. So without autograd this block consumes `x`.
@@ -84,9 +85,18 @@ class MageVQResnetBlock(nn.Module):
             out = cpu_kernels.conv2d(self.nin_shortcut, out).add_(out)
         else:
             out = cpu_kernels.conv2d_add_(self.conv2, h, x)
-        if scratch is not None:
-            scratch[0] = h  # read by conv2 only, so free now
+        if scratch is not None and not (torch.is_grad_enabled() and (a.requires_grad or h.requires_grad)):
+            # a and h are read by conv1 and conv2 only, so they are free now (two at most are kept).
+            scratch[:] = [t for t in (a, h) if t.data_ptr() not in (out.data_ptr(), x.data_ptr())][-2:]
         return out
+
+
+def _take(spares: list, shape) -> torch.Tensor | None:
+    """Remove and return a spare activation of `shape` from `spares`, if there is one."""
+    for i, spare in enumerate(spares):
+        if tuple(spare.shape) == tuple(shape):
+            return spares.pop(i)
+    return None
 
 
 class MageVQUpsample(nn.Module):
@@ -139,7 +149,7 @@ class MageVQEncoder(nn.Module):
             h = cpu_kernels.conv2d(self.conv_in, _to_conv_layout(pixel_values))
         else:
             h = self.conv_in(pixel_values)
-        scratch = [None]  # a spare activation handed from block to block (see `MageVQResnetBlock.forward`)
+        scratch = []  # spare activations handed from block to block (see `MageVQResnetBlock.forward`)
         for i, level in enumerate(self.down):
             for block in level.block:
                 h = block(h, scratch)
@@ -175,7 +185,7 @@ class MageVQDecoder(nn.Module):
 
     def forward(self, quantized: torch.Tensor) -> torch.Tensor:
         h = cpu_kernels.conv2d(self.conv_in, _to_conv_layout(quantized))
-        scratch = [None]  # a spare activation handed from block to block (see `MageVQResnetBlock.forward`)
+        scratch = []  # spare activations handed from block to block (see `MageVQResnetBlock.forward`)
         h = self.mid["block_2"](self.mid["block_1"](h, scratch), scratch)
         for i in reversed(range(len(self.up))):
             level = self.up[i]
