@@ -1,6 +1,6 @@
 # Copyright 2026 The mage-hf authors. MIT licence.
-"""CPU kernels for the MAGE transformer and its VQGAN decoder: matmuls with pre-packed weights for inference, and a
-cheaper dropout for training.
+"""CPU kernels for the MAGE transformer and its VQGAN: matmuls with pre-packed weights and a fused group norm + swish
+for inference, and a cheaper dropout for training.
 
 A plain `F.linear` / `F.conv2d` on the CPU re-packs the weight into the matrix library's blocked layout on every
 call. For MAGE's shapes (257 tokens per image; 512-channel convolutions at 16x16) that repacking is a large share of
@@ -19,7 +19,17 @@ hooks, outside `torch.compile`/TorchScript tracing, and when this torch build ha
 (training, CUDA, half precision, wrapped or hooked modules) runs the ordinary module. A packed copy costs as much
 memory as the weight it packs. It is dropped with its module and rebuilt when the input shape or the weight changes
 (another tensor, storage or version, or different values at 4 sampled positions, which catches writes through
-`.data`); `set_enabled(False)` turns the mechanism off and frees the copies.
+`.data`); `set_enabled(False)` turns the mechanism off (and the native kernels below) and frees the copies.
+
+Native kernels (`csrc/cpu_ops.cpp`, compiled with the local C++ compiler on first use by `torch.utils.cpp_extension`,
+a few seconds, then cached under a name that includes the source, the torch version and the CPU's features; see
+[`native_ops_available`]). Without a compiler, or with `MAGE_HF_NATIVE_KERNELS=0`, every caller takes a pure-torch
+path instead; the first failure to build is logged once with its reason.
+
+Group norm + swish ([`group_norm_silu`], the VQGAN's residual blocks in channels-last CPU inference): two passes over
+the data instead of four, written into a spare activation or in place, so a VQGAN block need not allocate (on these
+machines a new 134 MB activation costs ~35 ms in page faults, more than the passes that fill it). Its statistics are
+accumulated in double precision, so it is closer to a float64 result than torch's float32 group norm.
 
 Dropout: `torch.nn.functional.dropout` on the CPU draws its keep mask with `bernoulli_`, about 6 ns per element on
 these machines, and keeps it as a full tensor for the backward pass. MAGE drops out attention probabilities and MLP
@@ -30,8 +40,7 @@ expected value is unchanged. Each call takes one seed from torch's default gener
 `torch.manual_seed` and a saved/restored generator state like `nn.Dropout` (the masks differ from `nn.Dropout`'s).
 The bits come from one of two places:
 
-* the native kernel (`csrc/cpu_ops.cpp`, compiled with the local C++ compiler on first use and cached by
-  `torch.utils.cpp_extension`): counter-based bits (splitmix64 of the seed and the element's index), so the mask is
+* the native kernel: counter-based bits (splitmix64 of the seed and the element's index), so the mask is
   never stored: the forward and backward passes are each one pass over the data, and the backward pass recomputes
   the mask it needs;
 * otherwise (no compiler, `MAGE_HF_NATIVE_KERNELS=0`, or a dtype other than float32) numpy's SFC64 generator seeded
