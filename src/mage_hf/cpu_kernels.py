@@ -248,36 +248,35 @@ def conv2d(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor | None = None) 
     shape and layout. Always use the returned tensor."""
     if not _conv_ok(module, x):
         return module(x)
-    if out is not None and type(out) is torch.Tensor and out.dtype == x.dtype and _same_size(module):
-        if out.shape == (x.shape[0], module.out_channels, *x.shape[2:]) and out.data_ptr() != x.data_ptr():
-            if out.is_contiguous(memory_format=torch.channels_last) and not out.requires_grad:
-                return conv2d_add_(module, x, out.zero_())  # conv(x) + 0: the convolution's values
+    if out is not None and _is_sum_target(module, x, out):
+        return conv2d_add_(module, x, out.zero_())  # conv(x) + 0: the convolution's values
     packed, padding, stride, dilation = _packed_conv(module, x)
     return torch.ops.mkldnn._convolution_pointwise(
         x, packed, _detached(module.bias), padding, stride, dilation, module.groups, "none", [], ""
     )
 
 
-def _same_size(module: nn.Conv2d) -> bool:
-    """Whether the convolution's output has its input's height and width."""
-    return module.stride == (1, 1) and all(
+def _is_sum_target(module: nn.Conv2d, x: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether oneDNN can add `module(x)` into `target` in place: the output's shape (so the convolution keeps the
+    input's height and width), dtype and channels-last layout, not `x` itself, and no autograd graph needs it."""
+    same_size = module.stride == (1, 1) and all(
         2 * p == d * (k - 1) for p, d, k in zip(module.padding, module.dilation, module.kernel_size)
+    )
+    return (
+        same_size
+        and type(target) is torch.Tensor
+        and target.dtype == x.dtype
+        and target.shape == (x.shape[0], module.out_channels, *x.shape[2:])
+        and target.is_contiguous(memory_format=torch.channels_last)
+        and not (torch.is_grad_enabled() and target.requires_grad)
+        and target.data_ptr() != x.data_ptr()
     )
 
 
 def conv2d_add_(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """`module(x) + residual`. On the fast path of [`conv2d`] the sum is oneDNN's fused post-op, written into
     `residual` (no new activation, no separate pass), so `residual` must be a buffer the caller no longer needs."""
-    if not (
-        _conv_ok(module, x)
-        and _same_size(module)
-        and type(residual) is torch.Tensor
-        and residual.dtype == x.dtype
-        and residual.shape == (x.shape[0], module.out_channels, *x.shape[2:])
-        and residual.is_contiguous(memory_format=torch.channels_last)
-        and not (torch.is_grad_enabled() and residual.requires_grad)
-        and residual.data_ptr() != x.data_ptr()
-    ):
+    if not (_conv_ok(module, x) and _is_sum_target(module, x, residual)):
         return module(x).add_(residual)  # a fresh convolution output, so the in-place sum is autograd-safe
     packed, padding, stride, dilation = _packed_conv(module, x)
     return torch.ops.mkldnn._convolution_pointwise_.binary(
