@@ -44,6 +44,7 @@ from mage_hf.training_utils import (
     ShardedBatchSampler,
     center_crop_resize,
     cosine_lr_with_warmup,
+    end_training,
     keyed_generator,
     load_image_dataset,
     resolve_checkpoint,
@@ -429,7 +430,8 @@ def main(args: argparse.Namespace) -> dict:
         logger.info(
             "Saved the classifier to %s: top-1 %.2f%% on %d held-out images", args.output_dir, top1, len(val_set)
         )
-    accelerator.end_training()
+    del trainable, optimizer, val_loader  # the wrappers `prepare` made, before the process group (see `end_training`)
+    end_training(accelerator)
     return results
 
 

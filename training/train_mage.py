@@ -32,6 +32,7 @@ from mage_hf.training_utils import (
     check_hub_access,
     clip_grad_norm_,
     cosine_lr_with_warmup,
+    end_training,
     image_grid,
     info_nce_loss,
     keyed_generator,
@@ -442,7 +443,8 @@ def main(args):
 
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
                           ignore_patterns=["checkpoint-*", "logs/*", "token_cache/*", "validation/*", "*.jsonl"])
-    accelerator.end_training()
+    del model, optimizer  # the wrappers `prepare` made, before the process group (see `end_training`)
+    end_training(accelerator)
 
 
 def drop_metrics_after(path, step):

@@ -35,6 +35,7 @@ from mage_hf.training_utils import (
     ShardedBatchSampler,
     center_crop_resize,
     cosine_lr_with_warmup,
+    end_training,
     image_grid,
     keyed_generator,
     load_image_dataset,
@@ -413,7 +414,8 @@ def main(args: argparse.Namespace) -> dict:
             results["num_validation_images"] = len(val_pixels)
         (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
         logger.info("Saved the tokenizer to %s: %s", args.output_dir, results)
-    accelerator.end_training()
+    wrapper = opt_g = disc = opt_d = None  # the wrappers `prepare` made, before the process group (see `end_training`)
+    end_training(accelerator)
     return results
 
 

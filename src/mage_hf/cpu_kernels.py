@@ -86,9 +86,9 @@ logger = logging.getLogger(__name__)
 _state = {"enabled": True}
 # module -> {tag: (key, packed weight, weakref to the source weight, sampled values)}. Weak, so that a packed copy
 # never outlives its module and is never part of its state (no state-dict keys, no deep copies of opaque tensors).
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # module -> {tag: row count of the last call that did not match the packed copy's} (see `packed_linear`).
-_ROW_MISSES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_ROW_MISSES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _has_ops(namespace, *names: str) -> bool:
@@ -384,7 +384,7 @@ def _load_native() -> bool:
         # `libgomp.so.1`, which resolves to the copy torch has already loaded.
         load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
-    except Exception as error:  # no compiler, unsupported flags, a read-only cache...: fall back, say why once
+    except Exception as error:  # noqa: BLE001 (no compiler, bad flags, a read-only cache...): fall back, say why
         logger.warning(
             "mage_hf: the native CPU kernels could not be built (%s: %s); training dropout uses the slower "
             "pure-torch path. Set MAGE_HF_NATIVE_KERNELS=0 to skip this attempt.",

@@ -181,7 +181,8 @@ class MageMLP(nn.Module):
             hidden = self.act(hidden)
         # In place: GELU's and the linear layers' backward passes read their inputs, not these outputs.
         hidden = cpu_kernels.dropout(hidden, self.dropout, self.training, inplace=self.exact_gelu)
-        return cpu_kernels.dropout(cpu_kernels.linear(self.fc2, hidden, pack), self.dropout, self.training, inplace=True)
+        out = cpu_kernels.linear(self.fc2, hidden, pack)
+        return cpu_kernels.dropout(out, self.dropout, self.training, inplace=True)
 
 
 def _records_grad(x: torch.Tensor) -> bool:

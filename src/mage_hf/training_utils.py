@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint_dirs",
     "clip_grad_norm_",
     "cosine_lr_with_warmup",
+    "end_training",
     "gather_with_grad",
     "image_grid",
     "info_nce_loss",
@@ -481,6 +482,19 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> s
             "'latest'."
         )
     return resume_from_checkpoint
+
+
+def end_training(accelerator) -> None:
+    """`accelerator.end_training()`, after releasing everything `accelerator.prepare` wrapped; the caller deletes its
+    own references to those objects first.
+
+    A DDP wrapper's gradient reducer holds the process group. When the reducer holds the last reference, the gloo group
+    is destroyed from the reducer's destructor, which runs with the GIL held, and joining the group's worker threads
+    there can deadlock at interpreter exit (a two-rank CPU run once hung like that, in `~ProcessGroupGloo` joining
+    its workers). Released first, the wrappers only drop their references, and the group goes with
+    `destroy_process_group`."""
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
