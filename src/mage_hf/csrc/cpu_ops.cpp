@@ -1,7 +1,8 @@
 // Copyright 2026 The mage-hf authors. MIT licence.
 //
-// CPU kernels for MAGE training, compiled on first use by `mage_hf.cpu_kernels` (torch.utils.cpp_extension) and
-// registered as `torch.ops.mage_hf.*`. See cpu_kernels.py for what they replace and why.
+// CPU kernels for MAGE (training dropout; the VQGAN's group norm + swish in inference), compiled on first use by
+// `mage_hf.cpu_kernels` (torch.utils.cpp_extension) and registered as `torch.ops.mage_hf.*`. See cpu_kernels.py for
+// what they replace and why.
 //
 // dropout_mask_mul(x, seed, drop, scale): x * scale where the element's 16-bit draw is >= drop, 0 elsewhere.
 //   The draws are counter-based: element i takes bits [16 (i % 4), 16 (i % 4) + 16) of splitmix64's output for the
@@ -36,14 +37,17 @@ inline uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Blocks [begin, end) of four elements each, all of them whole (the caller handles a partial last block).
+// Blocks [begin, end) of four elements each, all of them whole (the caller handles a partial last block). In place
+// (`kInPlace`), `out` holds the input and `x` is never read: it is the same buffer, and the pointers are restrict so
+// that the loop vectorises without run-time overlap checks.
+template <bool kInPlace>
 void mask_mul_blocks(const float* __restrict x, float* __restrict out, int64_t begin, int64_t end, uint64_t seed,
                      uint32_t drop, float scale) {
   for (int64_t j = begin; j < end; ++j) {
     const uint64_t r = splitmix64(seed + static_cast<uint64_t>(j + 1) * kGamma);
     for (int k = 0; k < 4; ++k) {
       const uint32_t draw = static_cast<uint32_t>(r >> (16 * k)) & 0xFFFFu;
-      const float v = x[4 * j + k] * scale;
+      const float v = (kInPlace ? out[4 * j + k] : x[4 * j + k]) * scale;
       out[4 * j + k] = draw >= drop ? v : 0.0f;
     }
   }
@@ -61,7 +65,11 @@ at::Tensor& mask_mul_into(const at::Tensor& x, at::Tensor& out, int64_t seed, in
   const uint32_t udrop = static_cast<uint32_t>(drop);
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) {
-    mask_mul_blocks(px, po, begin, end, useed, udrop, fscale);
+    if (px == po) {
+      mask_mul_blocks<true>(px, po, begin, end, useed, udrop, fscale);
+    } else {
+      mask_mul_blocks<false>(px, po, begin, end, useed, udrop, fscale);
+    }
   });
   if (n % 4) {  // the partial last block, with the same draws as if it were whole
     const uint64_t r = splitmix64(useed + static_cast<uint64_t>(blocks + 1) * kGamma);
