@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from mage_hf import cpu_kernels
+
 __all__ = [
     "OriginalWorker",
     "Row",
@@ -106,12 +108,33 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-# torch's FLOP counter knows the CUDA attention kernels but not the CPU flash kernel that SDPA runs here; count it
-# the same way (2 matmuls forward, 4 backward), so SDPA and explicit-matmul attention count the same work.
+def _head_shapes(qkv_shape, heads: int) -> tuple:
+    batch, seq_len, width = qkv_shape
+    shape = (batch, heads, seq_len, width // 3 // heads)
+    return shape, shape, shape
+
+
+def _native_attention_flops(qkv_shape, heads, *args, **kwargs) -> int:
+    return sdpa_flop_count(*_head_shapes(qkv_shape, heads))
+
+
+def _native_attention_backward_flops(grad_out_shape, qkv_shape, stats_shape, heads, *args, **kwargs) -> int:
+    # The 4 matmuls of attention's gradient, as the explicit-matmul path counts them; the kernel also recomputes the
+    # scores (a fifth), not counted: the floor is the model's work, not that of one way of computing it.
+    batch, seq_len, width = qkv_shape
+    return 4 * 2 * batch * seq_len * seq_len * (width // 3)
+
+
+# torch's FLOP counter knows the CUDA attention kernels but not the CPU flash kernel that SDPA runs here, nor
+# mage-hf's native attention kernel (`cpu_kernels.attention`): count them as torch counts the CUDA ones (2 matmuls
+# forward; for SDPA's backward 5, the scores recomputed included, for the native kernel's the 4 of the model).
 _CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
 }
+if cpu_kernels.native_ops_available():
+    _CPU_ATTENTION_FLOPS[torch.ops.mage_hf.attention_dropout_fwd] = _native_attention_flops
+    _CPU_ATTENTION_FLOPS[torch.ops.mage_hf.attention_dropout_bwd] = _native_attention_backward_flops
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -128,7 +151,7 @@ def count_flops_by_kind(fn, *args, **kwargs) -> dict[str, int]:
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
         fn(*args, **kwargs)
     by_op = counter.get_flop_counts()["Global"]
-    attention = sum(n for op, n in by_op.items() if "scaled_dot_product" in str(op))
+    attention = sum(n for op, n in by_op.items() if "scaled_dot_product" in str(op) or "attention_dropout" in str(op))
     return {"attention": attention, "matmul": sum(by_op.values()) - attention}
 
 

@@ -442,3 +442,105 @@ def test_vq_blocks_reuse_spares_without_changing_results():
                 h = decoder.up[i].upsample(h)
         h = cpu_kernels.group_norm_silu(decoder.norm_out, h)
         torch.testing.assert_close(cpu_kernels.conv2d(decoder.conv_out, h).contiguous(), first, rtol=1e-6, atol=1e-6)
+
+
+def _needs_native():
+    if not cpu_kernels.native_ops_available():
+        assert not _can_build_native(), "the native CPU kernels should build on this machine"
+        pytest.skip("the native CPU kernels are not available here")
+
+
+def _unfused_attention(qkv: torch.Tensor, heads: int, scale: float, p: float, keep=None) -> torch.Tensor:
+    """The op-by-op attention of the model's explicit path: `cpu_kernels.dropout` on the probabilities, or `keep` (the
+    scaled keep mask, e.g. for a float64 reference) when given."""
+    batch, seq_len, width = qkv.shape
+    q, k, v = qkv.reshape(batch, seq_len, 3, heads, width // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    weights = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+    weights = weights * keep if keep is not None else cpu_kernels.dropout(weights, p, p > 0)
+    return (weights @ v).transpose(1, 2).reshape(batch, seq_len, width // 3)
+
+
+@pytest.mark.parametrize("batch,seq_len,width,heads", [(2, 37, 96, 3), (3, 17, 64, 4), (1, 2, 32, 2)])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_native_attention_matches_float64_and_the_op_by_op_path_with_the_same_mask(batch, seq_len, width, heads, p):
+    _needs_native()
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(batch, seq_len, 3 * width, generator=g) * 2).requires_grad_()  # sharp softmaxes
+    grad = torch.randn(batch, seq_len, width, generator=g)
+    scale = (width // heads) ** -0.5
+    # The keep mask the kernel draws after this seed: `cpu_kernels.dropout`'s for the (B, H, N, N) probabilities.
+    torch.manual_seed(5)
+    keep = cpu_kernels.dropout(torch.ones(batch, heads, seq_len, seq_len), p, p > 0).double()
+    exact_in = qkv.detach().double().requires_grad_()
+    exact = _unfused_attention(exact_in, heads, scale, p, keep=keep)
+    (exact * grad.double()).sum().backward()
+    results = []
+    for fn in (_unfused_attention, cpu_kernels.attention):
+        torch.manual_seed(5)
+        out = fn(qkv, heads, scale, p)
+        (out * grad).sum().backward()
+        results.append((out.detach(), qkv.grad))
+        qkv.grad = None
+    (ref, ref_grad), (out, out_grad) = results
+    assert out.shape == (batch, seq_len, width) and out_grad.shape == qkv.shape
+    # Float32 rounding only (measured: 4e-6 on outputs of ~2 and 1e-5 on gradients of ~12, as the op-by-op path).
+    out_tol, grad_tol = 4e-6 * exact.abs().max().item(), 4e-6 * exact_in.grad.abs().max().item()
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=out_tol)
+    torch.testing.assert_close(out_grad.double(), exact_in.grad, rtol=0, atol=grad_tol)
+    torch.testing.assert_close(ref.double(), exact, rtol=0, atol=out_tol)  # the mask is the one the ops draw
+    torch.testing.assert_close(ref_grad.double(), exact_in.grad, rtol=0, atol=grad_tol)
+    if p and keep.numel() > 1000:  # enough draws that some are dropped: the mask was applied
+        assert (keep == 0).any() and not torch.equal(out, _unfused_attention(qkv.detach(), heads, scale, 0.0))
+
+
+def test_native_attention_is_thread_count_free():
+    _needs_native()
+    qkv = torch.randn(2, 23, 3 * 48, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one task per (image, head), each on one thread: the split cannot change a value
+        torch.manual_seed(2)
+        one = cpu_kernels.attention(qkv, 4, 12**-0.5, 0.2)
+        torch.set_num_threads(max(2, threads))
+        torch.manual_seed(2)
+        assert torch.equal(cpu_kernels.attention(qkv, 4, 12**-0.5, 0.2), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_attention_declines_what_it_cannot_take():
+    qkv = torch.randn(2, 5, 3 * 32)
+    assert cpu_kernels.attention(qkv.double(), 2, 0.25, 0.1) is None  # float32 only
+    assert cpu_kernels.attention(qkv, 2, 0.25, 1.0) is None
+    with cpu_kernels.use_packed_kernels(False):
+        assert cpu_kernels.attention(qkv, 2, 0.25, 0.1) is None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert cpu_kernels.attention(qkv, 2, 0.25, 0.1) is None  # 4 (image, head) tasks cannot keep 8 threads busy
+    finally:
+        torch.set_num_threads(threads)
+    if cpu_kernels.native_ops_available():
+        with pytest.raises(RuntimeError, match="not 3 x heads"):
+            torch.ops.mage_hf.attention_dropout_fwd(qkv, 5, 0.25, 0, 0, 1.0)
+
+
+def test_model_training_step_is_the_same_with_native_or_op_by_op_attention():
+    """In training on the CPU the SDPA configuration takes the native kernel and the eager one the explicit ops; both
+    draw the same dropout masks from the same seed, so loss and gradients agree to rounding."""
+    _needs_native()
+    model, ids = tiny_model_and_ids(0)
+    model.train()
+    results = {}
+    for attn in ("sdpa", "eager"):
+        model.config._attn_implementation = attn
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model(input_ids=ids).loss
+        loss.backward()
+        results[attn] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (loss_a, grads_a), (loss_b, grads_b) = results["sdpa"], results["eager"]
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -341,7 +341,9 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
-_NATIVE_OPS = ("dropout_mask_mul", "dropout_mask_mul_", "group_norm_silu_out")
+_NATIVE_OPS = (
+    "dropout_mask_mul", "dropout_mask_mul_", "group_norm_silu_out", "attention_dropout_fwd", "attention_dropout_bwd"
+)
 _native = {"state": None}  # None: not tried yet; then True (loaded) or False (unavailable)
 _native_lock = threading.Lock()
 
@@ -452,3 +454,39 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
     # the same bytes read as uint8 convert fast.)
     keep = (_random_int16(x.shape) >= drop - 32768).view(torch.uint8).to(x.dtype)
     return x * keep.mul_(scale)
+
+
+class _NativeAttention(torch.autograd.Function):
+    """softmax(scale q k^T), dropped out, times v, from the qkv projection's output `(B, N, 3 D)` to `(B, N, D)`; see
+    [`attention`]."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, seed: int, drop: int, keep_scale: float):
+        out, stats = torch.ops.mage_hf.attention_dropout_fwd(qkv, heads, scale, seed, drop, keep_scale)
+        ctx.save_for_backward(qkv, stats)
+        ctx.args = (heads, scale, seed, drop, keep_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qkv, stats = ctx.saved_tensors
+        grad_qkv = torch.ops.mage_hf.attention_dropout_bwd(grad.contiguous(), qkv, stats, *ctx.args)
+        return grad_qkv, None, None, None, None, None
+
+
+def attention(qkv: torch.Tensor, num_heads: int, scale: float, p: float) -> torch.Tensor | None:
+    """Self-attention with dropout `p` on the probabilities, for CPU training: `qkv` is the fused projection's output
+    `(B, N, 3 D)` (q, k, v, each head after head), the result `(B, N, D)` (heads side by side), as
+    `dropout(softmax(scale q k^T), p) @ v` with [`dropout`]'s mask for the `(B, H, N, N)` probabilities. None when
+    the native kernel cannot take the case (the caller then computes it op by op)."""
+    if not (0.0 <= p < 1.0) or not _state["enabled"] or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
+        return None
+    if type(qkv) is not torch.Tensor or qkv.dim() != 3 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    if qkv.shape[0] * num_heads < torch.get_num_threads():
+        return None  # one task per (image, head): too few to keep every thread busy; the unfused ops split finer
+    drop = round(p * 65536)
+    if drop == 65536 or not native_ops_available():
+        return None
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if drop else 0
+    return _NativeAttention.apply(qkv.contiguous(), num_heads, scale, seed, drop, 65536 / (65536 - drop))

@@ -141,21 +141,26 @@ class MageAttention(nn.Module):
         batch_size, seq_len, width = x.shape
         # cpu_kernels: exact packed-weight matmuls for CPU inference, the plain module call otherwise.
         qkv = cpu_kernels.linear(self.qkv, x)  # (B, N, 3D)
-        qkv = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
         dropout = self.attn_dropout if self.training else 0.0
         weights = None
-        # With dropout on the CPU, SDPA falls back to its unfused math path; the explicit one below is the same
-        # computation with the cheaper dropout mask of `cpu_kernels.dropout`.
-        cpu_dropout = dropout > 0 and q.device.type == "cpu" and cpu_kernels.is_enabled()
-        if self.config._attn_implementation == "sdpa" and not output_attentions and not cpu_dropout:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
-        else:
-            # Scaling q (N x d) rather than the scores (N x N) is the same product, at a quarter of the cost.
-            scores = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # (B, H, N, N) in float32
-            weights = scores.softmax(dim=-1)
-            out = cpu_kernels.dropout(weights, dropout, self.training).to(v.dtype) @ v
-        out = out.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, N, D)
+        sdpa = self.config._attn_implementation == "sdpa" and not output_attentions
+        # float32 on the CPU: one native kernel from qkv to the heads' outputs, each head's scores kept in cache
+        # (None where it does not apply: other devices and dtypes, no compiler, kernels switched off).
+        out = cpu_kernels.attention(qkv, self.num_heads, self.scale, dropout) if sdpa else None  # (B, N, D)
+        if out is None:
+            qkv = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
+            # With dropout on the CPU, SDPA falls back to its unfused math path; the explicit one below is the same
+            # computation with the cheaper dropout mask of `cpu_kernels.dropout`.
+            cpu_dropout = dropout > 0 and q.device.type == "cpu" and cpu_kernels.is_enabled()
+            if sdpa and not cpu_dropout:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+            else:
+                # Scaling q (N x d) rather than the scores (N x N) is the same product, at a quarter of the cost.
+                scores = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # (B, H, N, N) in float32
+                weights = scores.softmax(dim=-1)
+                out = cpu_kernels.dropout(weights, dropout, self.training).to(v.dtype) @ v
+            out = out.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, N, D)
         if rows is not None:
             out = out[rows]  # (M, D): the output projection only where it is needed
         # M changes from call to call, so that projection takes the plain op (see `cpu_kernels.packed_linear`).

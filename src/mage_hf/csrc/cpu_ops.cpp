@@ -17,6 +17,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -192,6 +193,180 @@ at::Tensor& group_norm_silu_out(const at::Tensor& x, const at::Tensor& weight, c
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention with dropout for CPU training: softmax(scale q k^T) -> dropout -> @ v, per (image, head), from the qkv
+// projection's output straight into the output projection's input layout, and the backward pass back into the qkv
+// gradient. Each (image, head) pair is one task: its N x N scores live in a per-thread buffer that stays in L2, so
+// none of the (B, H, N, N) tensors of the unfused path (scores, probabilities, the dropped-out probabilities and
+// their gradients, 17 MB each at MAGE's decoder shape) is ever written to memory. The forward pass keeps only each
+// row's maximum score and 1 / sum of exponentials; the backward pass recomputes the probabilities from them (one more
+// small matmul per head, as in FlashAttention), bit for bit those of the forward pass (a log-sum-exp would round). The dropout mask is dropout_mask_mul's for the contiguous (B, H, N, N) probabilities and
+// the same seed, so this computes what the unfused path computes with `cpu_kernels.dropout`.
+//
+// The matmuls are MKL's sgemm, which torch's CPU build exports; called inside at::parallel_for (an OpenMP parallel
+// region) each one runs on its calling thread.
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C. A row-major matrix is its transpose in column-major order, so
+// this is the column-major product C^T = op(B)^T op(A)^T.
+inline void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                    const float* b, int ldb, float beta, float* c, int ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  sgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// The keep multipliers of elements [first, first + n) of the flat (B, H, N, N) probabilities: scale where
+// dropout_mask_mul keeps the element, 0 where it drops it. Whole blocks of four draws are written into `buffer`
+// (room for n + 6 values), and the returned pointer is element `first`.
+inline const float* keep_row(float* __restrict buffer, int64_t first, int64_t n, uint64_t seed, uint32_t drop,
+                             float scale) {
+  const int64_t block0 = first / 4, blocks = (first + n + 3) / 4 - block0;
+  for (int64_t t = 0; t < blocks; ++t) {
+    const uint64_t r = splitmix64(seed + static_cast<uint64_t>(block0 + t + 1) * kGamma);
+    for (int l = 0; l < 4; ++l) {
+      buffer[4 * t + l] = (static_cast<uint32_t>(r >> (16 * l)) & 0xFFFFu) >= drop ? scale : 0.0f;
+    }
+  }
+  return buffer + (first - 4 * block0);
+}
+
+struct AttentionShape {
+  int64_t batch, seq, width, heads, head_dim;
+};
+
+AttentionShape attention_shape(const at::Tensor& qkv, int64_t heads) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.is_contiguous(),
+              "mage_hf attention takes the contiguous float32 (B, N, 3 D) CPU output of the qkv projection");
+  TORCH_CHECK(heads > 0 && qkv.size(2) % (3 * heads) == 0, "qkv width ", qkv.size(2), " is not 3 x heads (",
+              heads, ") x head size");
+  TORCH_CHECK(qkv.size(1) < (1 << 15) && qkv.size(2) < (1 << 20), "sequence or width too large for this kernel");
+  const int64_t width = qkv.size(2) / 3;
+  return {qkv.size(0), qkv.size(1), width, heads, width / heads};
+}
+
+// Per-thread scratch, kept between calls: fresh memory costs page faults on every call otherwise.
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t heads, double scale, int64_t seed,
+                                              int64_t drop, double keep_scale) {
+  const AttentionShape s = attention_shape(qkv, heads);
+  TORCH_CHECK(drop >= 0 && drop < 65536, "drop must lie in [0, 65536), got ", drop);
+  at::Tensor out = at::empty({s.batch, s.seq, s.width}, qkv.options());
+  at::Tensor stats = at::empty({s.batch, s.heads, s.seq, 2}, qkv.options());  // per row: max score, 1 / sum
+  const float* base = qkv.data_ptr<float>();
+  float* pout = out.data_ptr<float>();
+  float* pstats = stats.data_ptr<float>();
+  const int n = static_cast<int>(s.seq), d = static_cast<int>(s.head_dim), ld = static_cast<int>(3 * s.width);
+  const int ldo = static_cast<int>(s.width);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint32_t udrop = static_cast<uint32_t>(drop);
+  const float fscale = static_cast<float>(scale), fkeep = static_cast<float>(keep_scale);
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    float* probs = scratch(static_cast<size_t>(n) * n + n + 8);
+    float* keep = probs + static_cast<size_t>(n) * n;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.heads, h = task % s.heads;
+      const float* q = base + b * s.seq * 3 * s.width + h * s.head_dim;
+      const float* k = q + s.width;
+      const float* v = q + 2 * s.width;
+      gemm_rm(false, true, n, n, d, fscale, q, ld, k, ld, 0.0f, probs, n);  // (N, N) scores
+      for (int i = 0; i < n; ++i) {
+        float* row = probs + static_cast<size_t>(i) * n;
+        float m = row[0];
+#pragma omp simd reduction(max : m)
+        for (int j = 1; j < n; ++j) m = row[j] > m ? row[j] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < n; ++j) {
+          row[j] = exp_poly(row[j] - m);
+          sum += row[j];
+        }
+        const float inv = 1.0f / sum;
+        pstats[2 * (task * n + i)] = m;
+        pstats[2 * (task * n + i) + 1] = inv;
+        if (udrop > 0) {
+          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, useed, udrop, fkeep);
+          for (int j = 0; j < n; ++j) row[j] = row[j] * inv * kr[j];
+        } else {
+          for (int j = 0; j < n; ++j) row[j] *= inv;
+        }
+      }
+      gemm_rm(false, false, n, d, n, 1.0f, probs, n, v, ld, 0.0f, pout + b * s.seq * s.width + h * s.head_dim, ldo);
+    }
+  });
+  return {out, stats};
+}
+
+at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& stats,
+                                 int64_t heads, double scale, int64_t seed, int64_t drop, double keep_scale) {
+  const AttentionShape s = attention_shape(qkv, heads);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.batch, s.seq, s.width}) && grad_out.is_contiguous() &&
+                  grad_out.scalar_type() == at::kFloat,
+              "grad_out must be a contiguous float32 (B, N, D) tensor");
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({s.batch, s.heads, s.seq, 2}) && stats.is_contiguous(),
+              "stats must be the forward pass's (B, H, N, 2) row statistics");
+  at::Tensor grad_qkv = at::empty_like(qkv);
+  const float* base = qkv.data_ptr<float>();
+  const float* pgo = grad_out.data_ptr<float>();
+  const float* pstats = stats.data_ptr<float>();
+  float* pgrad = grad_qkv.data_ptr<float>();
+  const int n = static_cast<int>(s.seq), d = static_cast<int>(s.head_dim), ld = static_cast<int>(3 * s.width);
+  const int ldo = static_cast<int>(s.width);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint32_t udrop = static_cast<uint32_t>(drop);
+  const float fscale = static_cast<float>(scale), fkeep = static_cast<float>(keep_scale);
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    const size_t nn = static_cast<size_t>(n) * n;
+    float* probs = scratch(3 * nn + n + 8);  // P, then dS
+    float* grad_probs = probs + nn;          // dL/d(dropped P), then dL/dP
+    float* dropped = probs + 2 * nn;         // dropout(P)
+    float* keep = probs + 3 * nn;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.heads, h = task % s.heads;
+      const int64_t offset = b * s.seq * 3 * s.width + h * s.head_dim;
+      const float* q = base + offset;
+      const float* k = q + s.width;
+      const float* v = q + 2 * s.width;
+      const float* go = pgo + b * s.seq * s.width + h * s.head_dim;
+      gemm_rm(false, true, n, n, d, fscale, q, ld, k, ld, 0.0f, probs, n);       // scores again
+      gemm_rm(false, true, n, n, d, 1.0f, go, ldo, v, ld, 0.0f, grad_probs, n);  // dO v^T
+      for (int i = 0; i < n; ++i) {
+        float* p = probs + static_cast<size_t>(i) * n;
+        float* g = grad_probs + static_cast<size_t>(i) * n;
+        float* dp = dropped + static_cast<size_t>(i) * n;
+        const float m = pstats[2 * (task * n + i)], inv = pstats[2 * (task * n + i) + 1];
+        for (int j = 0; j < n; ++j) p[j] = exp_poly(p[j] - m) * inv;
+        if (udrop > 0) {
+          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, useed, udrop, fkeep);
+          for (int j = 0; j < n; ++j) {
+            dp[j] = p[j] * kr[j];
+            g[j] *= kr[j];
+          }
+        } else {
+          std::memcpy(dp, p, sizeof(float) * n);
+        }
+        float dot = 0.0f;  // sum_j P_ij dL/dP_ij
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < n; ++j) dot += p[j] * g[j];
+        for (int j = 0; j < n; ++j) p[j] = p[j] * (g[j] - dot);  // dL/dscores
+      }
+      float* gq = pgrad + offset;
+      gemm_rm(true, false, n, d, n, 1.0f, dropped, n, go, ldo, 0.0f, gq + 2 * s.width, ld);  // dv = P'^T dO
+      gemm_rm(false, false, n, d, n, fscale, probs, n, k, ld, 0.0f, gq, ld);                // dq = scale dS k
+      gemm_rm(true, false, n, d, n, fscale, probs, n, q, ld, 0.0f, gq + s.width, ld);       // dk = scale dS^T q
+    }
+  });
+  return grad_qkv;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mage_hf, m) {
@@ -199,10 +374,15 @@ TORCH_LIBRARY(mage_hf, m) {
   m.def("dropout_mask_mul_(Tensor(a!) x, int seed, int drop, float scale) -> Tensor(a!)");
   m.def("group_norm_silu_out(Tensor x, Tensor weight, Tensor bias, int groups, float eps, Tensor(a!) out) -> "
         "Tensor(a!)");
+  m.def("attention_dropout_fwd(Tensor qkv, int heads, float scale, int seed, int drop, float keep_scale) -> Tensor[]");
+  m.def("attention_dropout_bwd(Tensor grad_out, Tensor qkv, Tensor stats, int heads, float scale, int seed, int drop, "
+        "float keep_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mage_hf, CPU, m) {
   m.impl("dropout_mask_mul", &dropout_mask_mul);
   m.impl("dropout_mask_mul_", &dropout_mask_mul_);
   m.impl("group_norm_silu_out", &group_norm_silu_out);
+  m.impl("attention_dropout_fwd", &attention_dropout_fwd);
+  m.impl("attention_dropout_bwd", &attention_dropout_bwd);
 }
