@@ -544,3 +544,47 @@ def test_model_training_step_is_the_same_with_native_or_op_by_op_attention():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_total_norm_is_the_float64_norm_and_thread_count_free():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(300, 700, generator=g) * 10, torch.randn(5, generator=g), torch.randn(1, 3, generator=g)]
+    exact = torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
+    norm = cpu_kernels.total_norm(tensors)
+    assert norm.dtype == torch.float32 and norm.dim() == 0
+    torch.testing.assert_close(norm.double(), exact, rtol=1e-7, atol=0)  # float32 rounding of the exact norm
+    torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(tensors), rtol=1e-4, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.total_norm(tensors)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, norm)
+    # Other dtypes and layouts take torch's function.
+    half = [t.half() for t in tensors[1:]]
+    assert torch.equal(cpu_kernels.total_norm(half), torch.nn.utils.get_total_norm(half))
+    strided = [tensors[0].t()]
+    assert torch.equal(cpu_kernels.total_norm(strided), torch.nn.utils.get_total_norm(strided))
+
+
+def test_clip_grad_norm_clips_like_torch_and_leaves_small_gradients_untouched():
+    from mage_hf.training_utils import clip_grad_norm_
+
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.zeros(40, 30)), nn.Parameter(torch.zeros(30))]
+    grads = [torch.randn(40, 30, generator=g), torch.randn(30, generator=g)]
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, r, grad in zip(params, reference, grads):
+        p.grad, r.grad = grad.clone(), grad.clone()
+    norm = clip_grad_norm_(params, 3.0)
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference, 3.0)
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
+    assert norm > 3.0
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=1e-7)
+    total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
+    assert abs(total.item() - 3.0) < 1e-5  # clipped to the bound
+    before = [p.grad.clone() for p in params]
+    clip_grad_norm_(params, 10.0)  # within bounds: not even multiplied by 1
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))

