@@ -520,7 +520,13 @@ def test_native_attention_declines_what_it_cannot_take():
         assert cpu_kernels.attention(qkv, 2, 0.25, 0.1) is None  # 4 (image, head) tasks cannot keep 8 threads busy
     finally:
         torch.set_num_threads(threads)
+    long = torch.randn(2, cpu_kernels._ATTENTION_MAX_TOKENS + 1, 3 * 8)
+    assert cpu_kernels.attention(long, 2, 0.5, 0.1) is None  # its N x N buffers would outgrow any cache
     if cpu_kernels.native_ops_available():
+        x = qkv.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(cpu_kernels.attention(x, 2, 0.25, 0.0).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+            grad.sum().backward()  # no silent zero second derivative
         with pytest.raises(RuntimeError, match="not 3 x heads"):
             torch.ops.mage_hf.attention_dropout_fwd(qkv, 5, 0.25, 0, 0, 1.0)
 

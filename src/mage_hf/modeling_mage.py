@@ -119,8 +119,9 @@ class MageEmbeddings(nn.Module):
 
 class MageAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection. The scores are computed in float32, as in the
-    original (which disables autocast for them); SDPA is used unless eager attention is configured or the attention
-    maps are asked for."""
+    original (which disables autocast for them). The "sdpa" implementation (the default) runs SDPA, or, for float32
+    CPU tensors, `cpu_kernels.attention` (the same computation in one native kernel); "eager", or asking for the
+    attention maps, runs the explicit ops."""
 
     def __init__(self, config: MageConfig, hidden_size: int, num_heads: int):
         super().__init__()

@@ -1,8 +1,8 @@
 // Copyright 2026 The mage-hf authors. MIT licence.
 //
-// CPU kernels for MAGE (training dropout; the VQGAN's group norm + swish in inference), compiled on first use by
-// `mage_hf.cpu_kernels` (torch.utils.cpp_extension) and registered as `torch.ops.mage_hf.*`. See cpu_kernels.py for
-// what they replace and why.
+// CPU kernels for MAGE (training dropout; the VQGAN's group norm + swish in inference; attention; the gradient norm),
+// compiled on first use by `mage_hf.cpu_kernels` (torch.utils.cpp_extension) and registered as `torch.ops.mage_hf.*`.
+// See cpu_kernels.py for what they replace and why.
 //
 // dropout_mask_mul(x, seed, drop, scale): x * scale where the element's 16-bit draw is >= drop, 0 elsewhere.
 //   The draws are counter-based: element i takes bits [16 (i % 4), 16 (i % 4) + 16) of splitmix64's output for the
