@@ -196,14 +196,15 @@ at::Tensor& group_norm_silu_out(const at::Tensor& x, const at::Tensor& weight, c
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// Attention with dropout for CPU training: softmax(scale q k^T) -> dropout -> @ v, per (image, head), from the qkv
-// projection's output straight into the output projection's input layout, and the backward pass back into the qkv
-// gradient. Each (image, head) pair is one task: its N x N scores live in a per-thread buffer that stays in L2, so
-// none of the (B, H, N, N) tensors of the unfused path (scores, probabilities, the dropped-out probabilities and
-// their gradients, 17 MB each at MAGE's decoder shape) is ever written to memory. The forward pass keeps only each
-// row's maximum score and 1 / sum of exponentials; the backward pass recomputes the probabilities from them (one more
-// small matmul per head, as in FlashAttention), bit for bit those of the forward pass (a log-sum-exp would round). The dropout mask is dropout_mask_mul's for the contiguous (B, H, N, N) probabilities and
-// the same seed, so this computes what the unfused path computes with `cpu_kernels.dropout`.
+// Attention (with dropout in training; without, p = 0, in inference): softmax(scale q k^T) -> dropout -> @ v, per
+// (image, head), from the qkv projection's output straight into the output projection's input layout, and the
+// backward pass back into the qkv gradient. Each (image, head) pair is one task: its N x N scores live in a per-thread
+// buffer that stays in L2, so none of the (B, H, N, N) tensors of the unfused path (scores, probabilities, the
+// dropped-out probabilities and their gradients, 17 MB each at MAGE's decoder shape) is ever written to memory. The
+// forward pass keeps only each row's maximum score and 1 / sum of exponentials; the backward pass recomputes the
+// probabilities from them (one more small matmul per head, as in FlashAttention), bit for bit those of the forward
+// pass (a log-sum-exp would round). The dropout mask is dropout_mask_mul's for the contiguous (B, H, N, N)
+// probabilities and the same seed, so this computes what the unfused path computes with `cpu_kernels.dropout`.
 //
 // The matmuls are MKL's sgemm, which torch's CPU build exports; called inside at::parallel_for (an OpenMP parallel
 // region) each one runs on its calling thread.
@@ -235,18 +236,28 @@ inline const float* keep_row(float* __restrict buffer, int64_t first, int64_t n,
   return buffer + (first - 4 * block0);
 }
 
-struct AttentionShape {
+// The sizes and scalars both attention passes use, checked once.
+struct Attention {
   int64_t batch, seq, width, heads, head_dim;
+  int n, d, ld_qkv, ld_out;  // sgemm's int sizes: tokens, head size, row strides of qkv and of the output
+  uint64_t seed;
+  uint32_t drop;
+  float scale, keep_scale;
 };
 
-AttentionShape attention_shape(const at::Tensor& qkv, int64_t heads) {
+Attention attention_args(const at::Tensor& qkv, int64_t heads, double scale, int64_t seed, int64_t drop,
+                         double keep_scale) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.is_contiguous(),
               "mage_hf attention takes the contiguous float32 (B, N, 3 D) CPU output of the qkv projection");
   TORCH_CHECK(heads > 0 && qkv.size(2) % (3 * heads) == 0, "qkv width ", qkv.size(2), " is not 3 x heads (",
               heads, ") x head size");
   TORCH_CHECK(qkv.size(1) < (1 << 15) && qkv.size(2) < (1 << 20), "sequence or width too large for this kernel");
+  TORCH_CHECK(drop >= 0 && drop < 65536, "drop must lie in [0, 65536), got ", drop);
   const int64_t width = qkv.size(2) / 3;
-  return {qkv.size(0), qkv.size(1), width, heads, width / heads};
+  return {qkv.size(0), qkv.size(1), width, heads, width / heads,
+          static_cast<int>(qkv.size(1)), static_cast<int>(width / heads), static_cast<int>(3 * width),
+          static_cast<int>(width), static_cast<uint64_t>(seed), static_cast<uint32_t>(drop),
+          static_cast<float>(scale), static_cast<float>(keep_scale)};
 }
 
 // Per-thread scratch, kept between calls: fresh memory costs page faults on every call otherwise.
@@ -258,18 +269,13 @@ float* scratch(size_t floats) {
 
 std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t heads, double scale, int64_t seed,
                                               int64_t drop, double keep_scale) {
-  const AttentionShape s = attention_shape(qkv, heads);
-  TORCH_CHECK(drop >= 0 && drop < 65536, "drop must lie in [0, 65536), got ", drop);
+  const Attention s = attention_args(qkv, heads, scale, seed, drop, keep_scale);
   at::Tensor out = at::empty({s.batch, s.seq, s.width}, qkv.options());
   at::Tensor stats = at::empty({s.batch, s.heads, s.seq, 2}, qkv.options());  // per row: max score, 1 / sum
   const float* base = qkv.data_ptr<float>();
   float* pout = out.data_ptr<float>();
   float* pstats = stats.data_ptr<float>();
-  const int n = static_cast<int>(s.seq), d = static_cast<int>(s.head_dim), ld = static_cast<int>(3 * s.width);
-  const int ldo = static_cast<int>(s.width);
-  const uint64_t useed = static_cast<uint64_t>(seed);
-  const uint32_t udrop = static_cast<uint32_t>(drop);
-  const float fscale = static_cast<float>(scale), fkeep = static_cast<float>(keep_scale);
+  const int n = s.n, d = s.d;
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
     float* probs = scratch(static_cast<size_t>(n) * n + n + 8);
     float* keep = probs + static_cast<size_t>(n) * n;
@@ -278,7 +284,7 @@ std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t hea
       const float* q = base + b * s.seq * 3 * s.width + h * s.head_dim;
       const float* k = q + s.width;
       const float* v = q + 2 * s.width;
-      gemm_rm(false, true, n, n, d, fscale, q, ld, k, ld, 0.0f, probs, n);  // (N, N) scores
+      gemm_rm(false, true, n, n, d, s.scale, q, s.ld_qkv, k, s.ld_qkv, 0.0f, probs, n);  // (N, N) scores
       for (int i = 0; i < n; ++i) {
         float* row = probs + static_cast<size_t>(i) * n;
         float m = row[0];
@@ -293,14 +299,15 @@ std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t hea
         const float inv = 1.0f / sum;
         pstats[2 * (task * n + i)] = m;
         pstats[2 * (task * n + i) + 1] = inv;
-        if (udrop > 0) {
-          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, useed, udrop, fkeep);
+        if (s.drop > 0) {
+          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, s.seed, s.drop, s.keep_scale);
           for (int j = 0; j < n; ++j) row[j] = row[j] * inv * kr[j];
         } else {
           for (int j = 0; j < n; ++j) row[j] *= inv;
         }
       }
-      gemm_rm(false, false, n, d, n, 1.0f, probs, n, v, ld, 0.0f, pout + b * s.seq * s.width + h * s.head_dim, ldo);
+      float* o = pout + b * s.seq * s.width + h * s.head_dim;
+      gemm_rm(false, false, n, d, n, 1.0f, probs, n, v, s.ld_qkv, 0.0f, o, s.ld_out);  // (N, d) into (B, N, D)
     }
   });
   return {out, stats};
@@ -308,7 +315,7 @@ std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t hea
 
 at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& stats,
                                  int64_t heads, double scale, int64_t seed, int64_t drop, double keep_scale) {
-  const AttentionShape s = attention_shape(qkv, heads);
+  const Attention s = attention_args(qkv, heads, scale, seed, drop, keep_scale);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.batch, s.seq, s.width}) && grad_out.is_contiguous() &&
                   grad_out.scalar_type() == at::kFloat,
               "grad_out must be a contiguous float32 (B, N, D) tensor");
@@ -319,11 +326,7 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
   const float* pgo = grad_out.data_ptr<float>();
   const float* pstats = stats.data_ptr<float>();
   float* pgrad = grad_qkv.data_ptr<float>();
-  const int n = static_cast<int>(s.seq), d = static_cast<int>(s.head_dim), ld = static_cast<int>(3 * s.width);
-  const int ldo = static_cast<int>(s.width);
-  const uint64_t useed = static_cast<uint64_t>(seed);
-  const uint32_t udrop = static_cast<uint32_t>(drop);
-  const float fscale = static_cast<float>(scale), fkeep = static_cast<float>(keep_scale);
+  const int n = s.n, d = s.d;
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
     const size_t nn = static_cast<size_t>(n) * n;
     float* probs = scratch(3 * nn + n + 8);  // P, then dS
@@ -337,16 +340,16 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
       const float* k = q + s.width;
       const float* v = q + 2 * s.width;
       const float* go = pgo + b * s.seq * s.width + h * s.head_dim;
-      gemm_rm(false, true, n, n, d, fscale, q, ld, k, ld, 0.0f, probs, n);       // scores again
-      gemm_rm(false, true, n, n, d, 1.0f, go, ldo, v, ld, 0.0f, grad_probs, n);  // dO v^T
+      gemm_rm(false, true, n, n, d, s.scale, q, s.ld_qkv, k, s.ld_qkv, 0.0f, probs, n);       // scores again
+      gemm_rm(false, true, n, n, d, 1.0f, go, s.ld_out, v, s.ld_qkv, 0.0f, grad_probs, n);  // dO v^T
       for (int i = 0; i < n; ++i) {
         float* p = probs + static_cast<size_t>(i) * n;
         float* g = grad_probs + static_cast<size_t>(i) * n;
         float* dp = dropped + static_cast<size_t>(i) * n;
         const float m = pstats[2 * (task * n + i)], inv = pstats[2 * (task * n + i) + 1];
         for (int j = 0; j < n; ++j) p[j] = exp_poly(p[j] - m) * inv;
-        if (udrop > 0) {
-          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, useed, udrop, fkeep);
+        if (s.drop > 0) {
+          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, s.seed, s.drop, s.keep_scale);
           for (int j = 0; j < n; ++j) {
             dp[j] = p[j] * kr[j];
             g[j] *= kr[j];
@@ -360,9 +363,10 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
         for (int j = 0; j < n; ++j) p[j] = p[j] * (g[j] - dot);  // dL/dscores
       }
       float* gq = pgrad + offset;
-      gemm_rm(true, false, n, d, n, 1.0f, dropped, n, go, ldo, 0.0f, gq + 2 * s.width, ld);  // dv = P'^T dO
-      gemm_rm(false, false, n, d, n, fscale, probs, n, k, ld, 0.0f, gq, ld);                // dq = scale dS k
-      gemm_rm(true, false, n, d, n, fscale, probs, n, q, ld, 0.0f, gq + s.width, ld);       // dk = scale dS^T q
+      const int ld = s.ld_qkv;
+      gemm_rm(true, false, n, d, n, 1.0f, dropped, n, go, s.ld_out, 0.0f, gq + 2 * s.width, ld);  // dv = P'^T dO
+      gemm_rm(false, false, n, d, n, s.scale, probs, n, k, ld, 0.0f, gq, ld);                    // dq = scale dS k
+      gemm_rm(true, false, n, d, n, s.scale, probs, n, q, ld, 0.0f, gq + s.width, ld);           // dk = scale dS^T q
     }
   });
   return grad_qkv;
