@@ -491,10 +491,10 @@ class _NativeAttention(torch.autograd.Function):
 
 
 def attention(qkv: torch.Tensor, num_heads: int, scale: float, p: float) -> torch.Tensor | None:
-    """Self-attention with dropout `p` on the probabilities, for CPU training: `qkv` is the fused projection's output
-    `(B, N, 3 D)` (q, k, v, each head after head), the result `(B, N, D)` (heads side by side), as
-    `dropout(softmax(scale q k^T), p) @ v` with [`dropout`]'s mask for the `(B, H, N, N)` probabilities. None when
-    the native kernel cannot take the case (the caller then computes it op by op)."""
+    """Self-attention on the CPU, with dropout `p` on the probabilities (training; 0 in inference): `qkv` is the
+    fused projection's output `(B, N, 3 D)` (q, k, v, each head after head), the result `(B, N, D)` (heads side by
+    side), as `dropout(softmax(scale q k^T), p) @ v` with [`dropout`]'s mask for the `(B, H, N, N)` probabilities. None
+    when the native kernel cannot take the case (the caller then uses SDPA or the explicit ops)."""
     if not (0.0 <= p < 1.0) or not _state["enabled"] or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
         return None
     if type(qkv) is not torch.Tensor or qkv.dim() != 3 or torch.compiler.is_compiling() or torch.jit.is_tracing():
