@@ -39,6 +39,14 @@ inline uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// The mask's definition, used by every kernel that drops out: element i is kept when lane i % 4 of block i / 4's
+// 64 random bits, a 16-bit draw, is >= drop.
+inline uint64_t block_bits(uint64_t seed, int64_t block) {
+  return splitmix64(seed + static_cast<uint64_t>(block + 1) * kGamma);
+}
+
+inline uint32_t lane_draw(uint64_t bits, int64_t lane) { return static_cast<uint32_t>(bits >> (16 * lane)) & 0xFFFFu; }
+
 // Blocks [begin, end) of four elements each, all of them whole (the caller handles a partial last block). In place
 // (`kInPlace`), `out` holds the input and `x` is never read: it is the same buffer, and the pointers are restrict so
 // that the loop vectorises without run-time overlap checks.
@@ -46,9 +54,9 @@ template <bool kInPlace>
 void mask_mul_blocks(const float* __restrict x, float* __restrict out, int64_t begin, int64_t end, uint64_t seed,
                      uint32_t drop, float scale) {
   for (int64_t j = begin; j < end; ++j) {
-    const uint64_t r = splitmix64(seed + static_cast<uint64_t>(j + 1) * kGamma);
+    const uint64_t r = block_bits(seed, j);
     for (int k = 0; k < 4; ++k) {
-      const uint32_t draw = static_cast<uint32_t>(r >> (16 * k)) & 0xFFFFu;
+      const uint32_t draw = lane_draw(r, k);
       const float v = (kInPlace ? out[4 * j + k] : x[4 * j + k]) * scale;
       out[4 * j + k] = draw >= drop ? v : 0.0f;
     }
@@ -74,9 +82,9 @@ at::Tensor& mask_mul_into(const at::Tensor& x, at::Tensor& out, int64_t seed, in
     }
   });
   if (n % 4) {  // the partial last block, with the same draws as if it were whole
-    const uint64_t r = splitmix64(useed + static_cast<uint64_t>(blocks + 1) * kGamma);
+    const uint64_t r = block_bits(useed, blocks);
     for (int64_t i = 4 * blocks; i < n; ++i) {
-      const uint32_t draw = static_cast<uint32_t>(r >> (16 * (i - 4 * blocks))) & 0xFFFFu;
+      const uint32_t draw = lane_draw(r, i - 4 * blocks);
       po[i] = draw >= udrop ? px[i] * fscale : 0.0f;
     }
   }
@@ -228,9 +236,9 @@ inline const float* keep_row(float* __restrict buffer, int64_t first, int64_t n,
                              float scale) {
   const int64_t block0 = first / 4, blocks = (first + n + 3) / 4 - block0;
   for (int64_t t = 0; t < blocks; ++t) {
-    const uint64_t r = splitmix64(seed + static_cast<uint64_t>(block0 + t + 1) * kGamma);
+    const uint64_t r = block_bits(seed, block0 + t);
     for (int l = 0; l < 4; ++l) {
-      buffer[4 * t + l] = (static_cast<uint32_t>(r >> (16 * l)) & 0xFFFFu) >= drop ? scale : 0.0f;
+      buffer[4 * t + l] = lane_draw(r, l) >= drop ? scale : 0.0f;
     }
   }
   return buffer + (first - 4 * block0);
