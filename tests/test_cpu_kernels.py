@@ -114,6 +114,51 @@ def test_packed_conv_matches_the_plain_op_on_channels_last_input():
         assert other not in _PACKED
 
 
+@needs_mkldnn
+@pytest.mark.parametrize("batch,channels,height,width,bias", [(1, 8, 5, 7, True), (2, 16, 4, 4, False), (1, 32, 1, 3, True)])
+def test_upsample_conv_as_sub_pixel_convolution_matches_float64(batch, channels, height, width, bias):
+    """Nearest 2x up-sampling + 3x3 convolution, computed as one 2x2 convolution with four phases: against the same
+    computation in float64, at least as close as the plain float32 ops (odd sizes, a single row, no bias)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=bias)
+    reference = copy.deepcopy(conv).double()
+    x = torch.randn(batch, channels, height, width).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = reference(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"))
+        plain = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        out = cpu_kernels.upsample_conv2d(conv, x)
+        assert "subpixel_weight" in _PACKED[conv]  # the sub-pixel path was taken
+    assert out.shape == (batch, channels, 2 * height, 2 * width) and out.is_contiguous(memory_format=torch.channels_last)
+    plain_error = (plain.double() - expected).abs().max().item()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=max(2 * plain_error, 1e-6))
+
+
+@needs_mkldnn
+def test_upsample_conv_follows_weight_updates_and_falls_back():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def plain():
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    with torch.no_grad():
+        cpu_kernels.upsample_conv2d(conv, x)
+        conv.weight.data.mul_(-2.0)  # a write the version counter does not see
+        torch.testing.assert_close(cpu_kernels.upsample_conv2d(conv, x), plain(), rtol=1e-5, atol=1e-5)
+        # NCHW input and convolutions of another form take the plain ops
+        nchw = cpu_kernels.upsample_conv2d(conv, x.contiguous())
+        torch.testing.assert_close(nchw, plain(), rtol=1e-6, atol=1e-6)
+        strided = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        assert torch.equal(cpu_kernels.upsample_conv2d(strided, x),
+                           cpu_kernels.conv2d(strided, F.interpolate(x, scale_factor=2.0, mode="nearest")))
+        assert strided not in _PACKED or "subpixel_weight" not in _PACKED[strided]
+    # with autograd: the plain ops, and gradients reach the weight
+    out = cpu_kernels.upsample_conv2d(conv, x.requires_grad_())
+    out.sum().backward()
+    assert conv.weight.grad is not None and x.grad.shape == x.shape
+
+
 def test_model_outputs_do_not_depend_on_the_packed_kernels():
     model, ids = tiny_model_and_ids(3)
     model.eval()

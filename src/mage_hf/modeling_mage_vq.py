@@ -100,14 +100,15 @@ def _take(spares: list, shape) -> torch.Tensor | None:
 
 
 class MageVQUpsample(nn.Module):
-    """Nearest-neighbour 2x up-sampling followed by a 3x3 convolution (with bias)."""
+    """Nearest-neighbour 2x up-sampling followed by a 3x3 convolution (with bias); in CPU inference as one sub-pixel
+    convolution (see [`cpu_kernels.upsample_conv2d`])."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.conv2d(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return cpu_kernels.upsample_conv2d(self.conv, x)
 
 
 def _level(blocks: list[nn.Module], upsample: nn.Module | None = None) -> nn.Module:
