@@ -31,6 +31,10 @@ the data instead of four, written into a spare activation or in place, so a VQGA
 machines a new 134 MB activation costs ~35 ms in page faults, more than the passes that fill it). Its statistics are
 accumulated in double precision, so it is closer to a float64 result than torch's float32 group norm.
 
+Up-sampling ([`upsample_conv2d`], the VQGAN decoder's nearest 2x + 3x3 convolution, on the convolution fast path):
+one 2x2 convolution of the small image with one output group per row and column parity, interleaved into the large
+output; the same result with 16 instead of 36 multiply-adds per small pixel and channel pair, and no up-sampled image.
+
 Dropout: `torch.nn.functional.dropout` on the CPU draws its keep mask with `bernoulli_`, about 6 ns per element on
 these machines, and keeps it as a full tensor for the backward pass. MAGE drops out attention probabilities and MLP
 activations (about 27 M elements per image and training step at the ViT-B shape), so that was 18% of a ViT-B training
