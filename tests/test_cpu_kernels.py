@@ -115,7 +115,9 @@ def test_packed_conv_matches_the_plain_op_on_channels_last_input():
 
 
 @needs_mkldnn
-@pytest.mark.parametrize("batch,channels,height,width,bias", [(1, 8, 5, 7, True), (2, 16, 4, 4, False), (1, 32, 1, 3, True)])
+@pytest.mark.parametrize(
+    "batch,channels,height,width,bias", [(1, 8, 5, 7, True), (2, 16, 4, 4, False), (1, 32, 1, 3, True)]
+)
 def test_upsample_conv_as_sub_pixel_convolution_matches_float64(batch, channels, height, width, bias):
     """Nearest 2x up-sampling + 3x3 convolution, computed as one 2x2 convolution with four phases: against the same
     computation in float64, at least as close as the plain float32 ops (odd sizes, a single row, no bias)."""
@@ -128,7 +130,8 @@ def test_upsample_conv_as_sub_pixel_convolution_matches_float64(batch, channels,
         plain = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         out = cpu_kernels.upsample_conv2d(conv, x)
         assert "subpixel_weight" in _PACKED[conv]  # the sub-pixel path was taken
-    assert out.shape == (batch, channels, 2 * height, 2 * width) and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == (batch, channels, 2 * height, 2 * width)
+    assert out.is_contiguous(memory_format=torch.channels_last)
     plain_error = (plain.double() - expected).abs().max().item()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=max(2 * plain_error, 1e-6))
 

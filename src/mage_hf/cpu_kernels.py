@@ -334,7 +334,8 @@ def upsample_conv2d(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         ),
     )
     bias = None if module.bias is None else module.bias.detach().repeat(4)  # the same bias for every phase
-    # (B, 4 C, H + 1, W + 1), channels last: phase (a, b) at channels (2a + b) C ..., its row i at i + a, column j at j + b
+    # (B, 4 C, H + 1, W + 1), channels last: phase (a, b) in channels (2a + b) C onwards, with its row i at i + a
+    # and its column j at j + b
     phases = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
     out = torch.empty((batch, channels, 2 * height, 2 * width), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
@@ -355,7 +356,7 @@ def _subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     odd row reads itself (rows 0 and 1) and the row below (row 2). Columns alike."""
     taps = weight.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # (parity, tap, 3x3 row)
     phases = torch.einsum("ary,oiyx,bsx->aboirs", taps, weight, taps)  # (2, 2, C_out, C_in, 2, 2)
-    return phases.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2).contiguous()
+    return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).contiguous()
 
 
 def _packed_conv(module: nn.Conv2d, x: torch.Tensor):
