@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 
 import numpy as np
 import PIL.Image
@@ -18,7 +17,6 @@ from mage_hf import (
     MageForMaskedImageModeling,
     MageGenerationPipeline,
     MageInpaintPipeline,
-    MagePipelineOutput,
     MageScheduler,
 )
 from mage_hf.pipeline_mage import make_outpaint_inputs, token_mask_from_pixels
