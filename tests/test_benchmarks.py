@@ -85,9 +85,12 @@ def test_sampler_benchmark_runs_on_a_tiny_model(tmp_path):
     bounds = [line for line in report.splitlines() if line.startswith("kernel bound, batch ")]
     assert len(bounds) == 2
     for line in bounds:
-        linear, attention = re.search(r"linears alone run at (\d+) GFLOP/s .* attention alone at (\d+) GFLOP/s", line).groups()
-        fraction = re.search(r"= (\d+)% of the full-step floor", line).group(1)
-        assert int(linear) > 0 and int(attention) > 0 and int(fraction) > 0
+        number = r"(\d+(?:\.\d+)?(?:e-\d+)?)"
+        linear, attention = re.search(
+            rf"linears alone run at {number} GFLOP/s .* attention alone at {number} GFLOP/s", line
+        ).groups()
+        fraction = re.search(rf"= {number}% of the full-step floor", line).group(1)
+        assert float(linear) > 0 and float(attention) > 0 and float(fraction) > 0
 
 
 def test_training_benchmark_runs_on_a_tiny_model():
