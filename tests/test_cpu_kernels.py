@@ -3,6 +3,7 @@ packed weight."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -160,6 +161,107 @@ def test_upsample_conv_follows_weight_updates_and_falls_back():
     out = cpu_kernels.upsample_conv2d(conv, x.requires_grad_())
     out.sum().backward()
     assert conv.weight.grad is not None and x.grad.shape == x.shape
+
+
+needs_native = pytest.mark.skipif(not cpu_kernels.native_ops_available(), reason="the native kernels cannot be built here")
+
+
+@needs_mkldnn
+@needs_native
+@pytest.mark.parametrize(
+    "batch,in_channels,out_channels,height,width,bias",
+    [(1, 64, 64, 8, 8, True), (2, 64, 80, 7, 5, False), (1, 96, 64, 1, 3, True), (1, 128, 128, 32, 32, False)],
+)
+def test_winograd_conv_matches_float64(batch, in_channels, out_channels, height, width, bias):
+    """3x3 convolutions by Winograd's F(2x2, 3x3): against float64, at least as close as oneDNN's direct float32
+    convolution up to a factor 2 (in practice closer), at even and odd sizes, a single row, with and without bias."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
+    x = torch.randn(batch, in_channels, height, width).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = copy.deepcopy(conv).double()(x.double())
+        out = cpu_kernels.conv2d(conv, x)
+        assert "winograd_weight" in _PACKED[conv]  # the Winograd path was taken
+        with _winograd_off():
+            direct = cpu_kernels.conv2d(copy.deepcopy(conv), x)
+    assert out.shape == (batch, out_channels, height, width)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    direct_error = (direct.double() - expected).abs().max().item()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=max(2 * direct_error, 1e-6))
+
+
+@contextlib.contextmanager
+def _winograd_off():
+    saved = cpu_kernels._winograd_ok
+    cpu_kernels._winograd_ok = lambda module: False
+    try:
+        yield
+    finally:
+        cpu_kernels._winograd_ok = saved
+
+
+@needs_mkldnn
+@needs_native
+def test_winograd_conv_writes_into_spares_and_residuals_and_follows_weight_updates():
+    g = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(2, 64, 9, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 64, 9, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = conv(x)
+        out = cpu_kernels.conv2d(conv, x)
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+        spare = torch.full_like(residual, float("nan"))
+        into = cpu_kernels.conv2d(conv, x, out=spare)
+        assert into.data_ptr() == spare.data_ptr() and torch.equal(into, out)  # old contents ignored
+        buffer = residual.clone()
+        summed = cpu_kernels.conv2d_add_(conv, x, buffer)
+        assert summed.data_ptr() == buffer.data_ptr()  # the sum went into the residual's memory
+        assert torch.equal(summed, out + residual)  # and rounds like a separate add
+        conv.weight.data.mul_(-0.5)  # a write the version counter does not see
+        torch.testing.assert_close(cpu_kernels.conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+        for threads in (1, 2):  # block sizes follow the thread count; results agree to rounding
+            with _threads(threads):
+                torch.testing.assert_close(cpu_kernels.conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_mkldnn
+@needs_native
+def test_winograd_conv_declines_what_it_cannot_take():
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for conv in (
+            nn.Conv2d(64, 64, 3, padding=1, stride=2),
+            nn.Conv2d(64, 64, 1),
+            nn.Conv2d(64, 64, 3, padding=2, dilation=2),
+            nn.Conv2d(64, 64, 3, padding=1, groups=2),
+            nn.Conv2d(64, 32, 3, padding=1),  # too few output channels to pay
+        ):
+            torch.testing.assert_close(cpu_kernels.conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+            assert "winograd_weight" not in _PACKED.get(conv, {})
+        conv = nn.Conv2d(64, 64, 3, padding=1)
+        cpu_kernels.conv2d(conv, x.contiguous())  # NCHW input: the module itself
+        assert conv not in _PACKED
+    out = cpu_kernels.conv2d(conv, x.requires_grad_())  # autograd: the module itself, and gradients flow
+    out.sum().backward()
+    assert conv not in _PACKED and conv.weight.grad is not None and x.grad.shape == x.shape
+    # The op checks what it is given.
+    u = cpu_kernels._winograd_weight(conv.weight.detach())
+    with pytest.raises(RuntimeError, match="channels-last"):
+        torch.ops.mage_hf.winograd_conv3x3_(x.detach().contiguous(), u, None, torch.empty_like(x), False)
+    with pytest.raises(RuntimeError, match="transform of a 3x3 weight"):
+        torch.ops.mage_hf.winograd_conv3x3_(x.detach(), u[:, :32], None, torch.empty_like(x), False)
 
 
 def test_model_outputs_do_not_depend_on_the_packed_kernels():
