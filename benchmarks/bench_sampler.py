@@ -36,6 +36,7 @@ from bench_utils import (  # noqa: E402
     set_timer,
     tiny_config,
     vit_b_config,
+    winograd_savings,
 )
 
 from mage_hf import MageForMaskedImageModeling, MageGenerationPipeline, MageScheduler, cpu_kernels  # noqa: E402
@@ -101,7 +102,8 @@ def our_flops(pipe: MageGenerationPipeline, steps: int) -> dict:
     """FLOPs per image at batch 1: MAGE's full transformer step (half the tokens masked, every position computed,
     as the original does), what our sampler executes per step on average over a real `steps`-step run (it skips
     work whose result is never read; see `MageForMaskedImageModeling.masked_logits`), and one VQ decode: MAGE's, and
-    what ours executes (its up-sampling convolutions are sub-pixel ones; see `cpu_kernels.upsample_conv2d`)."""
+    what ours executes (its up-sampling convolutions are sub-pixel ones, its other 3x3 convolutions Winograd ones; see
+    `cpu_kernels.upsample_conv2d` and `cpu_kernels.conv2d`)."""
     model = pipe.model
     config = model.config
     grid = config.vq_config.grid_size
@@ -114,7 +116,8 @@ def our_flops(pipe: MageGenerationPipeline, steps: int) -> dict:
         step = count_flops(model, input_ids=ids)
         decode = count_flops(model.mage.vq_model.decode, codes)
         run = count_flops(pipe, num_images=1, num_inference_steps=steps, generator=generator, output_type="latent")
-    executed_decode = decode - _sub_pixel_savings(model.mage.vq_model, codes)
+    vq_model = model.mage.vq_model
+    executed_decode = decode - _sub_pixel_savings(vq_model, codes) - winograd_savings(vq_model.decode, codes)
     return {"step": step, "decode": decode, "executed_step": run / steps, "executed_decode": executed_decode}
 
 

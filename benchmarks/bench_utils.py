@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from mage_hf import cpu_kernels
@@ -33,6 +34,7 @@ __all__ = [
     "set_timer",
     "tiny_config",
     "vit_b_config",
+    "winograd_savings",
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -153,6 +155,35 @@ def count_flops_by_kind(fn, *args, **kwargs) -> dict[str, int]:
     by_op = counter.get_flop_counts()["Global"]
     attention = sum(n for op, n in by_op.items() if "scaled_dot_product" in str(op) or "attention_dropout" in str(op))
     return {"attention": attention, "matmul": sum(by_op.values()) - attention}
+
+
+class _WinogradCalls(TorchDispatchMode):
+    """Adds up, over the calls of mage-hf's Winograd convolution kernel it sees, the multiply-adds (x 2) the direct
+    convolution would do and the kernel does not: 9 taps at each of the B H W output pixels, against 16 products per
+    2x2 tile (tiles hang over odd edges). A dispatch mode, not module hooks: hooks would send the convolutions down
+    the plain path (see `cpu_kernels`), as the FLOP counter's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if cpu_kernels.native_ops_available() and func is torch.ops.mage_hf.winograd_conv3x3_.default:
+            x, u = args[0], args[1]
+            batch, channels, height, width = x.shape
+            tiles = batch * ((height + 1) // 2) * ((width + 1) // 2)
+            self.saved += 2 * channels * u.shape[2] * (9 * batch * height * width - 16 * tiles)
+        return func(*args, **(kwargs or {}))
+
+
+def winograd_savings(fn, *args, **kwargs) -> int:
+    """FLOPs of one call of `fn` (run on the fast path, no autograd) that the direct convolutions would execute and
+    mage-hf's Winograd 3x3 convolutions do not (`cpu_kernels.conv2d`). The FLOP counter cannot see that path: its
+    module hooks send every convolution down the plain ops."""
+    calls = _WinogradCalls()
+    with torch.no_grad(), calls:
+        fn(*args, **kwargs)
+    return calls.saved
 
 
 def load_average() -> str:

@@ -15,9 +15,31 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_sampler  # noqa: E402
 import bench_training  # noqa: E402
-from bench_utils import Row, count_flops, count_flops_by_kind, format_table, machine_header, tiny_config  # noqa: E402
+from bench_utils import (  # noqa: E402
+    Row,
+    count_flops,
+    count_flops_by_kind,
+    format_table,
+    machine_header,
+    tiny_config,
+    winograd_savings,
+)
 
-from mage_hf import MageForMaskedImageModeling  # noqa: E402
+from mage_hf import MageForMaskedImageModeling, cpu_kernels  # noqa: E402
+
+
+@pytest.mark.skipif(not cpu_kernels.native_ops_available(), reason="the native kernels cannot be built here")
+def test_winograd_savings_are_the_direct_products_the_kernel_skips():
+    conv = torch.nn.Conv2d(64, 80, 3, padding=1, bias=False)
+    x = torch.randn(2, 64, 7, 10).contiguous(memory_format=torch.channels_last)
+    with cpu_kernels.use_packed_kernels(True):
+        saved = winograd_savings(cpu_kernels.conv2d, conv, x)
+        plain = winograd_savings(cpu_kernels.conv2d, conv, x.contiguous())  # NCHW: the plain op, nothing saved
+    direct = 2 * 64 * 80 * 9 * (2 * 7 * 10)  # what the FLOP counter counts for this convolution
+    with torch.no_grad():
+        assert count_flops(conv, x) == direct
+    tiles = 2 * 4 * 5  # 2x2 tiles; the last tile row hangs over the odd edge
+    assert saved == direct - 2 * 64 * 80 * 16 * tiles and plain == 0
 
 
 def test_attention_flops_are_counted_the_same_for_sdpa_and_eager():
