@@ -166,6 +166,15 @@ def test_upsample_conv_follows_weight_updates_and_falls_back():
 needs_native = pytest.mark.skipif(not cpu_kernels.native_ops_available(), reason="the native kernels cannot be built here")
 
 
+def _block_conv_inputs(channels: int, size: tuple[int, int], seed: int):
+    """A bias-free 3x3 convolution as in the VQGAN's blocks, a channels-last batch of 2 and a residual for it."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    x = torch.randn(2, channels, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, channels, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    return conv, x, residual
+
+
 @needs_mkldnn
 @needs_native
 @pytest.mark.parametrize(
@@ -203,10 +212,7 @@ def _winograd_off():
 @needs_mkldnn
 @needs_native
 def test_winograd_conv_writes_into_spares_and_residuals_and_follows_weight_updates():
-    g = torch.Generator().manual_seed(5)
-    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
-    x = torch.randn(2, 64, 9, 6, generator=g).contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(2, 64, 9, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    conv, x, residual = _block_conv_inputs(64, (9, 6), seed=5)
     with torch.no_grad():
         plain = conv(x)
         out = cpu_kernels.conv2d(conv, x)
@@ -291,10 +297,7 @@ def test_model_outputs_do_not_depend_on_the_packed_kernels():
 
 @needs_mkldnn
 def test_fused_conv_add_matches_conv_then_add_and_writes_into_the_residual():
-    g = torch.Generator().manual_seed(4)
-    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-    x = torch.randn(2, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(2, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    conv, x, residual = _block_conv_inputs(16, (12, 12), seed=4)  # 16 channels: oneDNN's fused sum
     with torch.no_grad():
         expected = cpu_kernels.conv2d(conv, x) + residual
         buffer = residual.clone()
