@@ -45,9 +45,10 @@ class MageVQEncoderOutput(ModelOutput):
 
 
 def _to_conv_layout(x: torch.Tensor) -> torch.Tensor:
-    """On the CPU the decoder's convolutions run in channels-last (NHWC) layout, which oneDNN computes without
-    converting every activation to and from its blocked layout, and with weights packed once (`cpu_kernels`); see
-    benchmarks/README.md for the measurements. The decoder hands back a standard contiguous tensor."""
+    """On the CPU the decoder's convolutions run in channels-last (NHWC) layout: the 3x3 ones of 64+ channels by the
+    native Winograd kernel, the others by oneDNN without converting every activation to and from its blocked layout,
+    all with weights prepared once (`cpu_kernels`); see benchmarks/README.md for the measurements. The decoder hands
+    back a standard contiguous tensor."""
     if x.device.type == "cpu" and x.ndim == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
@@ -301,10 +302,10 @@ class MageVQModel(MageVQPreTrainedModel):
                 Images in [0, 1], not normalised (see [`MageImageProcessor`]). Sides must be multiples of
                 `config.downsample_factor`.
             channels_last (`bool`, *optional*, defaults to `False`):
-                On the CPU, run the encoder's convolutions in channels-last layout with packed weights, like the
-                decoder: about 20% faster at 256x256 (`benchmarks/README.md`). The latents then differ from the
-                standard layout's by rounding (~1e-5), which changes a codebook id only where two codes are nearly
-                tied. The training scripts use it (a rare near-tie does not matter for training targets); the
+                On the CPU, run the encoder's convolutions in channels-last layout like the decoder's (3x3 ones by
+                the Winograd kernel, the others by oneDNN, weights prepared once): about twice as fast at 256x256
+                (`benchmarks/README.md`). The latents then differ from the standard layout's by rounding (~1e-5),
+                which changes a codebook id only where two codes are nearly tied. The training scripts use it (a rare near-tie does not matter for training targets); the
                 default keeps the ids identical to the original implementation's.
 
         Returns:
