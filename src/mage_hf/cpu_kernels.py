@@ -307,7 +307,8 @@ def _is_sum_target(module: nn.Conv2d, x: torch.Tensor, target: torch.Tensor) -> 
 
 def conv2d_add_(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """`module(x) + residual`. On the fast path of [`conv2d`] the sum is formed by the convolution (the Winograd
-    kernel's output transform, or oneDNN's fused post-op), written into `residual` (no new activation, no separate pass), so `residual` must be a buffer the caller no longer needs."""
+    kernel's output transform, or oneDNN's fused post-op) and written into `residual` (no new activation, no separate
+    pass), so `residual` must be a buffer the caller no longer needs."""
     if not (_conv_ok(module, x) and _is_sum_target(module, x, residual)):
         return module(x).add_(residual)  # a fresh convolution output, so the in-place sum is autograd-safe
     if _winograd_ok(module):
