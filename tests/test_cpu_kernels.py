@@ -31,6 +31,17 @@ def _enabled():
         yield
 
 
+@contextlib.contextmanager
+def _threads(count: int):
+    """torch's intra-op thread count set to `count` for the block, then restored."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def tiny_model_and_ids(seed: int) -> tuple[MageForMaskedImageModeling, torch.LongTensor]:
     """A tiny MAGE (weights from torch seed 0) and two rows of random codebook ids drawn with `seed`."""
     torch.manual_seed(0)
@@ -231,16 +242,6 @@ def test_winograd_conv_writes_into_spares_and_residuals_and_follows_weight_updat
                 torch.testing.assert_close(cpu_kernels.conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
 
 
-@contextlib.contextmanager
-def _threads(count: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 @needs_mkldnn
 @needs_native
 def test_winograd_conv_declines_what_it_cannot_take():
@@ -412,13 +413,9 @@ def test_native_dropout_masks_are_uniform_independent_and_thread_count_free():
     assert abs(both - 0.25**2) < 5 * (0.0625 * 0.9375 / lanes.shape[0]) ** 0.5
     assert zero[-3:].float().sum() < 3 or out.numel() % 4 == 0  # the tail is drawn, not all dropped
     # The mask is a function of the seed and the element index only, not of how the work is split.
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with _threads(1):
         torch.manual_seed(3)
         assert torch.equal(cpu_kernels.dropout(x, 0.25), out)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_native_dropout_in_place_and_non_contiguous_inputs(dropout_path):
@@ -530,12 +527,8 @@ def test_group_norm_silu_matches_float64_in_place_or_not_and_any_thread_count(sh
         spare = torch.empty_like(x)
         assert cpu_kernels.group_norm_silu(norm, x, out=spare).data_ptr() == spare.data_ptr()
         assert torch.equal(spare, out)
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
+        with _threads(1):
             assert torch.equal(cpu_kernels.group_norm_silu(norm, x), out)  # statistics summed in a fixed order
-        finally:
-            torch.set_num_threads(threads)
         inplace = x.clone(memory_format=torch.channels_last)
         assert cpu_kernels.group_norm_silu(norm, inplace, out=inplace).data_ptr() == inplace.data_ptr()
         assert torch.equal(inplace, out)
@@ -650,15 +643,12 @@ def test_native_attention_is_thread_count_free():
     _needs_native()
     qkv = torch.randn(2, 23, 3 * 48, generator=torch.Generator().manual_seed(1))
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # one task per (image, head), each on one thread: the split cannot change a value
+    with _threads(1):  # one task per (image, head), each on one thread: the split cannot change a value
         torch.manual_seed(2)
         one = cpu_kernels.attention(qkv, 4, 12**-0.5, 0.2)
-        torch.set_num_threads(max(2, threads))
+    with _threads(max(2, threads)):
         torch.manual_seed(2)
         assert torch.equal(cpu_kernels.attention(qkv, 4, 12**-0.5, 0.2), one)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_native_attention_declines_what_it_cannot_take():
@@ -667,12 +657,8 @@ def test_native_attention_declines_what_it_cannot_take():
     assert cpu_kernels.attention(qkv, 2, 0.25, 1.0) is None
     with cpu_kernels.use_packed_kernels(False):
         assert cpu_kernels.attention(qkv, 2, 0.25, 0.1) is None
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(8)
+    with _threads(8):
         assert cpu_kernels.attention(qkv, 2, 0.25, 0.1) is None  # 4 (image, head) tasks cannot keep 8 threads busy
-    finally:
-        torch.set_num_threads(threads)
     long = torch.randn(2, cpu_kernels._ATTENTION_MAX_TOKENS + 1, 3 * 8)
     assert cpu_kernels.attention(long, 2, 0.5, 0.1) is None  # its N x N buffers would outgrow any cache
     if cpu_kernels.native_ops_available():
@@ -713,12 +699,8 @@ def test_total_norm_is_the_float64_norm_and_thread_count_free():
     assert norm.dtype == torch.float32 and norm.dim() == 0
     torch.testing.assert_close(norm.double(), exact, rtol=1e-7, atol=0)  # float32 rounding of the exact norm
     torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(tensors), rtol=1e-4, atol=0)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with _threads(1):
         one = cpu_kernels.total_norm(tensors)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, norm)
     # Other dtypes and layouts take torch's function.
     half = [t.half() for t in tensors[1:]]
