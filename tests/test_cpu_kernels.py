@@ -448,6 +448,73 @@ def test_native_dropout_in_place_and_non_contiguous_inputs(dropout_path):
     assert torch.equal(a, cpu_kernels.dropout(x.contiguous(), 0.1))
 
 
+@pytest.mark.parametrize("shape", [(6, 37, 40), (1003,)])  # the second is not a multiple of 4 elements
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_gelu_dropout_is_gelu_then_dropout_forward_and_backward(shape, p, dropout_path):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).requires_grad_()  # well into both tails of GELU
+    grad = torch.randn(shape)
+    torch.manual_seed(11)
+    out = cpu_kernels.gelu_dropout(x, p)
+    out.backward(grad)
+    torch.manual_seed(11)
+    mask = cpu_kernels.dropout(torch.ones(shape), p)  # the same draw: the scale where kept, 0 elsewhere
+    assert set(mask.unique().tolist()) <= {0.0, mask.max().item()} and 0 < (mask == 0).float().mean() < 1
+    # Against float64 GELU with that mask: the same keep pattern, values and gradients to float32 rounding.
+    x64 = x.detach().double().requires_grad_()
+    expected = F.gelu(x64) * mask.double()
+    expected.backward(grad.double())
+    dropped = mask == 0
+    kept = ~dropped & (x.detach().abs() < 5)  # GELU far below 0 may round to 0 (1 + erf cancels in torch's)
+    assert torch.all(out.detach()[dropped] == 0) and torch.all(out.detach()[kept] != 0)
+    if dropout_path == "native":
+        torch.testing.assert_close(out.detach().double(), expected.detach(), rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-6, atol=1e-6)
+    else:  # the fallback is torch's float32 GELU times that mask, exactly
+        x32 = x.detach().clone().requires_grad_()
+        reference = F.gelu(x32) * mask
+        reference.backward(grad)
+        assert torch.equal(out.detach(), reference.detach()) and torch.equal(x.grad, x32.grad)
+    # The unfused path it replaces (torch's float32 GELU, then the same dropout) drops the same elements.
+    torch.manual_seed(11)
+    unfused = cpu_kernels.dropout(F.gelu(x.detach()), p)
+    assert torch.all(unfused[dropped] == 0) and torch.all(unfused[kept] != 0)
+
+
+def test_fused_gelu_dropout_thread_count_free_inference_and_fallbacks():
+    _needs_native()
+    x = torch.randn(64, 333)
+    torch.manual_seed(2)
+    two = cpu_kernels.gelu_dropout(x, 0.2)
+    with _threads(1):
+        torch.manual_seed(2)
+        assert torch.equal(cpu_kernels.gelu_dropout(x, 0.2), two)
+    in_place = torch.ops.mage_hf.gelu_dropout_(x.clone(), 5, 13107, 1.25)
+    assert torch.equal(in_place, torch.ops.mage_hf.gelu_dropout(x, 5, 13107, 1.25))
+    # Exactly `dropout`'s mask, draw for draw: over 2^20 elements about 16 draws equal the threshold itself.
+    ones = torch.ones(1 << 20)
+    fused = torch.ops.mage_hf.gelu_dropout(ones, 9, 6554, 1.0)
+    assert torch.equal(fused == 0, torch.ops.mage_hf.dropout_mask_mul(ones, 9, 6554, 1.0) == 0)
+    # Inference (or p = 0): torch's GELU, in place only when asked and no graph records the tensor; no dropout.
+    y = x.clone()
+    assert torch.equal(cpu_kernels.gelu_dropout(y, 0.2, training=False), F.gelu(x)) and torch.equal(y, x)
+    assert cpu_kernels.gelu_dropout(y, 0.2, training=False, inplace=True) is y and torch.equal(y, F.gelu(x))
+    leaf = x.clone().requires_grad_()
+    out = cpu_kernels.gelu_dropout(leaf, 0.0, inplace=True)
+    assert torch.equal(out.detach(), F.gelu(x)) and torch.equal(leaf.detach(), x)
+    # Other dtypes and non-contiguous input take GELU then `dropout`, with the same mask for the same seed.
+    t = torch.randn(40, 32).t()
+    torch.manual_seed(4)
+    a = cpu_kernels.gelu_dropout(t, 0.3)
+    torch.manual_seed(4)
+    torch.testing.assert_close(a, cpu_kernels.gelu_dropout(t.contiguous(), 0.3), rtol=1e-6, atol=1e-6)
+    assert cpu_kernels.gelu_dropout(x.double(), 0.3).dtype == torch.float64
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.mage_hf.gelu_dropout(x.double(), 1, 100, 1.0)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        torch.ops.mage_hf.gelu_dropout_backward(torch.ones(3), x, 1, 100, 1.0)
+
+
 def test_dropout_follows_torch_seed_and_generator_state(dropout_path):
     x = torch.randn(64, 64)
     torch.manual_seed(1)

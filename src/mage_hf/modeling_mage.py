@@ -181,12 +181,11 @@ class MageMLP(nn.Module):
     def forward(self, x: torch.Tensor, pack: bool = True) -> torch.Tensor:
         """`x` `(B, N, D)` or `(M, D)`; `pack`: see `cpu_kernels.packed_linear`."""
         hidden = cpu_kernels.linear(self.fc1, x, pack)  # (B, N, I)
-        if self.exact_gelu and not _records_grad(hidden):
-            hidden = torch.ops.aten.gelu_(hidden)  # inference: no new (B, N, I) buffer, the same values
+        if self.exact_gelu:
+            # fc1's output is fresh: GELU may run in place in inference, and fuses with dropout in CPU training.
+            hidden = cpu_kernels.gelu_dropout(hidden, self.dropout, self.training, inplace=True)
         else:
-            hidden = self.act(hidden)
-        # In place: GELU's and the linear layers' backward passes read their inputs, not these outputs.
-        hidden = cpu_kernels.dropout(hidden, self.dropout, self.training, inplace=self.exact_gelu)
+            hidden = cpu_kernels.dropout(self.act(hidden), self.dropout, self.training)
         out = cpu_kernels.linear(self.fc2, hidden, pack)
         return cpu_kernels.dropout(out, self.dropout, self.training, inplace=True)
 

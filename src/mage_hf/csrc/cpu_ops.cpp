@@ -1,7 +1,7 @@
 // Copyright 2026 The mage-hf authors. MIT licence.
 //
-// CPU kernels for MAGE (training dropout; the VQGAN's group norm + swish and Winograd 3x3 convolutions in inference;
-// attention; the gradient norm),
+// CPU kernels for MAGE (training dropout, alone and fused with GELU; the VQGAN's group norm + swish and Winograd 3x3
+// convolutions in inference; attention; the gradient norm),
 // compiled on first use by `mage_hf.cpu_kernels` (torch.utils.cpp_extension) and registered as `torch.ops.mage_hf.*`.
 // See cpu_kernels.py for what they replace and why.
 //
@@ -15,6 +15,9 @@
 //   torch's group norm and swish, and no new activation. Inference only (no backward). The statistics are
 //   accumulated per channel in double precision (E[x^2] - E[x]^2 cancels when the mean is large against the
 //   spread), then per group in a fixed order, so the result does not depend on the thread count.
+//
+// gelu_dropout(x, seed, drop, scale), gelu_dropout_(x, ...) and gelu_dropout_backward(grad, x, ...): dropout(gelu(x))
+//   with dropout_mask_mul's mask (none when drop = 0), and its input gradient, in one pass each.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <utility>
 #include <cmath>
 #include <cstdint>
@@ -48,18 +52,35 @@ inline uint64_t block_bits(uint64_t seed, int64_t block) {
 
 inline uint32_t lane_draw(uint64_t bits, int64_t lane) { return static_cast<uint32_t>(bits >> (16 * lane)) & 0xFFFFu; }
 
-// Blocks [begin, end) of four elements each, all of them whole (the caller handles a partial last block). In place
-// (`kInPlace`), `out` holds the input and `x` is never read: it is the same buffer, and the pointers are restrict so
-// that the loop vectorises without run-time overlap checks.
+// The 64 random bits of blocks [first, first + count) into `bits`. Read as uint16_t (little-endian x86/ARM), element
+// 4 j + k of the span is lane k of block j: its draw is `reinterpret_cast<const uint16_t*>(bits)[4 j + k]`, which a
+// vectorised loop reads directly, with no shuffling of lanes.
+static_assert(std::endian::native == std::endian::little, "the draws are read as the 16-bit lanes of 64-bit words");
+
+inline void chunk_bits(uint64_t* __restrict bits, int64_t first, int64_t count, uint64_t seed) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) bits[j] = block_bits(seed, first + j);
+}
+
+// Elements [0, count) of a span that starts at element 4 `first_block` (whose draws it takes), in chunks: the chunk's
+// random bits first, then one vectorised loop over its elements. In place (`kInPlace`), `out` holds the input and `x`
+// is never read: it is the same buffer, and the pointers are restrict so that the loop vectorises without run-time
+// overlap checks.
 template <bool kInPlace>
-void mask_mul_blocks(const float* __restrict x, float* __restrict out, int64_t begin, int64_t end, uint64_t seed,
-                     uint32_t drop, float scale) {
-  for (int64_t j = begin; j < end; ++j) {
-    const uint64_t r = block_bits(seed, j);
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t draw = lane_draw(r, k);
-      const float v = (kInPlace ? out[4 * j + k] : x[4 * j + k]) * scale;
-      out[4 * j + k] = draw >= drop ? v : 0.0f;
+void mask_mul_span(const float* __restrict x, float* __restrict out, int64_t count, int64_t first_block,
+                   uint64_t seed, uint32_t drop, float scale) {
+  constexpr int64_t kChunk = 1024;
+  alignas(64) uint64_t bits[kChunk / 4];
+  const uint16_t* __restrict draws = reinterpret_cast<const uint16_t*>(bits);
+  for (int64_t c = 0; c < count; c += kChunk) {
+    const int64_t m = std::min(kChunk, count - c);
+    chunk_bits(bits, first_block + c / 4, (m + 3) / 4, seed);
+    const float* __restrict in = kInPlace ? out + c : x + c;
+    float* __restrict y = out + c;
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = in[i] * scale;
+      y[i] = draws[i] >= drop ? v : 0.0f;
     }
   }
 }
@@ -75,20 +96,15 @@ at::Tensor& mask_mul_into(const at::Tensor& x, at::Tensor& out, int64_t seed, in
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint32_t udrop = static_cast<uint32_t>(drop);
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) {
+  auto span = [&](int64_t first_block, int64_t count) {
     if (px == po) {
-      mask_mul_blocks<true>(px, po, begin, end, useed, udrop, fscale);
+      mask_mul_span<true>(nullptr, po + 4 * first_block, count, first_block, useed, udrop, fscale);
     } else {
-      mask_mul_blocks<false>(px, po, begin, end, useed, udrop, fscale);
+      mask_mul_span<false>(px + 4 * first_block, po + 4 * first_block, count, first_block, useed, udrop, fscale);
     }
-  });
-  if (n % 4) {  // the partial last block, with the same draws as if it were whole
-    const uint64_t r = block_bits(useed, blocks);
-    for (int64_t i = 4 * blocks; i < n; ++i) {
-      const uint32_t draw = lane_draw(r, i - 4 * blocks);
-      po[i] = draw >= udrop ? px[i] * fscale : 0.0f;
-    }
-  }
+  };
+  at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) { span(begin, 4 * (end - begin)); });
+  if (n % 4) span(blocks, n % 4);  // the partial last block, with the same draws as if it were whole
   return out;
 }
 
@@ -118,6 +134,116 @@ inline float exp_poly(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
+}
+
+// GELU in its exact (erf) form, x Phi(x), for the MLP's hidden activations, with dropout_mask_mul's mask fused in
+// (drop > 0, training) or without (drop = 0). One pass over the data instead of GELU's and dropout's two, in both
+// directions. erf is Abramowitz & Stegun's 7.1.26 (|error| <= 1.5e-7), the approximation torch's vectorised CPU GELU
+// uses too, so the two agree to about an ulp: with z = |x| / sqrt 2, t = 1 / (1 + p z) and the quartic r(t),
+// erfc(z) = t r(t) exp(-z^2), so Phi(x) = q for x < 0 and 1 - q for x >= 0, where q = erfc(z) / 2 (the 1/2 is
+// folded into r's coefficients).
+struct GeluParts {
+  float cdf;  // Phi(x)
+  float exp;  // exp(-x^2 / 2)
+};
+
+inline GeluParts gelu_parts(float x) {
+  const float z = std::fabs(x) * 0.70710678118654752f;
+  const float t = 1.0f / (0.3275911f * z + 1.0f);
+  float r = 0.5307027145f * t + -0.7265760135f;  // 7.1.26's coefficients, halved
+  r = r * t + 0.7107068705f;
+  r = r * t + -0.142248368f;
+  r = r * t + 0.127414796f;
+  const float e = exp_poly(-(z * z));
+  const float q = (t * r) * e;
+  return {x < 0.0f ? q : 1.0f - q, e};
+}
+
+// Elements [0, count) of a span that starts at element 4 `first_block` of the whole tensor (whose draws it takes).
+// kMode 0: out = gelu(in) (* keep); 1: the same in place (`out` holds the input, `in` is not read); 2: the backward
+// pass, out = grad (* keep) * gelu'(in). Taken in chunks: the chunk's keep multipliers first (blocks of four draws),
+// then one vectorised loop over its elements.
+template <int kMode, bool kDrop>
+void gelu_span(const float* __restrict in, const float* __restrict grad, float* __restrict out, int64_t count,
+               int64_t first_block, uint64_t seed, uint32_t drop, float scale) {
+  constexpr int64_t kChunk = 1024;
+  alignas(64) uint64_t bits[kChunk / 4];
+  for (int64_t c = 0; c < count; c += kChunk) {
+    const int64_t m = std::min(kChunk, count - c);
+    if (kDrop) chunk_bits(bits, first_block + c / 4, (m + 3) / 4, seed);
+    const uint16_t* __restrict draws = reinterpret_cast<const uint16_t*>(bits);
+    const float* __restrict x_in = kMode == 1 ? out + c : in + c;
+    float* __restrict y = out + c;
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      const float x = x_in[i];
+      const GeluParts p = gelu_parts(x);
+      float v;
+      if (kMode == 2) {  // Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+        v = (kDrop ? grad[c + i] * scale : grad[c + i]) * (p.cdf + x * (0.3989422804014327f * p.exp));
+      } else {
+        v = x * p.cdf;
+        if (kDrop) v *= scale;
+      }
+      y[i] = !kDrop || draws[i] >= drop ? v : 0.0f;
+    }
+  }
+}
+
+template <int kMode, bool kDrop>
+void gelu_all(const float* in, const float* grad, float* out, int64_t n, uint64_t seed, uint32_t drop, float scale) {
+  const int64_t blocks = n / 4;
+  at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) {
+    const int64_t i = 4 * begin;
+    gelu_span<kMode, kDrop>(kMode == 1 ? nullptr : in + i, kMode == 2 ? grad + i : nullptr, out + i,
+                            4 * (end - begin), begin, seed, drop, scale);
+  });
+  const int64_t i = 4 * blocks;  // the partial last block (its draws as if it were whole)
+  if (n > i) {
+    gelu_span<kMode, kDrop>(kMode == 1 ? nullptr : in + i, kMode == 2 ? grad + i : nullptr, out + i, n - i, blocks,
+                            seed, drop, scale);
+  }
+}
+
+template <int kMode>
+void gelu_run(const float* in, const float* grad, float* out, int64_t n, int64_t seed, int64_t drop, double scale) {
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint32_t udrop = static_cast<uint32_t>(drop);
+  const float fscale = static_cast<float>(scale);
+  if (drop > 0) {
+    gelu_all<kMode, true>(in, grad, out, n, useed, udrop, fscale);
+  } else {
+    gelu_all<kMode, false>(in, grad, out, n, useed, udrop, fscale);
+  }
+}
+
+void gelu_check(const at::Tensor& x, int64_t drop, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "mage_hf::", what,
+              " takes a contiguous float32 CPU tensor");
+  TORCH_CHECK(drop >= 0 && drop < 65536, "drop must lie in [0, 65536), got ", drop);
+}
+
+at::Tensor gelu_dropout(const at::Tensor& x, int64_t seed, int64_t drop, double scale) {
+  gelu_check(x, drop, "gelu_dropout");
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  gelu_run<0>(x.data_ptr<float>(), nullptr, out.data_ptr<float>(), x.numel(), seed, drop, scale);
+  return out;
+}
+
+at::Tensor& gelu_dropout_(at::Tensor& x, int64_t seed, int64_t drop, double scale) {
+  gelu_check(x, drop, "gelu_dropout_");
+  gelu_run<1>(nullptr, nullptr, x.data_ptr<float>(), x.numel(), seed, drop, scale);
+  return x;
+}
+
+at::Tensor gelu_dropout_backward(const at::Tensor& grad, const at::Tensor& x, int64_t seed, int64_t drop,
+                                 double scale) {
+  gelu_check(x, drop, "gelu_dropout_backward");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+              "grad must be a contiguous float32 tensor of the input's shape");
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  gelu_run<2>(x.data_ptr<float>(), grad.data_ptr<float>(), out.data_ptr<float>(), x.numel(), seed, drop, scale);
+  return out;
 }
 
 at::Tensor& group_norm_silu_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
@@ -231,18 +357,16 @@ inline void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, float alpha
 }
 
 // The keep multipliers of elements [first, first + n) of the flat (B, H, N, N) probabilities: scale where
-// dropout_mask_mul keeps the element, 0 where it drops it. Whole blocks of four draws are written into `buffer`
-// (room for n + 6 values), and the returned pointer is element `first`.
-inline const float* keep_row(float* __restrict buffer, int64_t first, int64_t n, uint64_t seed, uint32_t drop,
-                             float scale) {
-  const int64_t block0 = first / 4, blocks = (first + n + 3) / 4 - block0;
-  for (int64_t t = 0; t < blocks; ++t) {
-    const uint64_t r = block_bits(seed, block0 + t);
-    for (int l = 0; l < 4; ++l) {
-      buffer[4 * t + l] = lane_draw(r, l) >= drop ? scale : 0.0f;
-    }
-  }
-  return buffer + (first - 4 * block0);
+// dropout_mask_mul keeps the element, 0 where it drops it. The random bits of the blocks of four draws that cover them
+// go into `bits` (room for n / 4 + 2 blocks), the multipliers into `buffer` (room for n values).
+inline const float* keep_row(float* __restrict buffer, uint64_t* __restrict bits, int64_t first, int64_t n,
+                             uint64_t seed, uint32_t drop, float scale) {
+  const int64_t block0 = first / 4;
+  chunk_bits(bits, block0, (first + n + 3) / 4 - block0, seed);
+  const uint16_t* __restrict draws = reinterpret_cast<const uint16_t*>(bits) + (first - 4 * block0);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) buffer[j] = draws[j] >= drop ? scale : 0.0f;
+  return buffer;
 }
 
 // The sizes and scalars both attention passes use, checked once.
@@ -269,6 +393,13 @@ Attention attention_args(const at::Tensor& qkv, int64_t heads, double scale, int
           static_cast<float>(scale), static_cast<float>(keep_scale)};
 }
 
+// The random bits' room in a thread's scratch: after the n keep multipliers at `keep`, 8-byte aligned, n / 4 + 2
+// blocks (the scratch holds n + n / 2 + 8 floats from `keep` on).
+inline uint64_t* keep_bits(float* keep, int n) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(keep + n);
+  return reinterpret_cast<uint64_t*>((end + 7) & ~uintptr_t{7});
+}
+
 // Per-thread scratch, kept between calls: fresh memory costs page faults on every call otherwise.
 float* scratch(size_t floats) {
   thread_local std::vector<float> buffer;
@@ -286,8 +417,10 @@ std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t hea
   float* pstats = stats.data_ptr<float>();
   const int n = s.n, d = s.d;
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-    float* probs = scratch(static_cast<size_t>(n) * n + n + 8);
-    float* keep = probs + static_cast<size_t>(n) * n;
+    const size_t nn = static_cast<size_t>(n) * n;
+    float* probs = scratch(nn + n + n / 2 + 8);
+    float* keep = probs + nn;
+    uint64_t* bits = keep_bits(keep, n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads;
       const float* q = base + b * s.seq * 3 * s.width + h * s.head_dim;
@@ -309,7 +442,8 @@ std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t hea
         pstats[2 * (task * n + i)] = m;
         pstats[2 * (task * n + i) + 1] = inv;
         if (s.drop > 0) {
-          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, s.seed, s.drop, s.keep_scale);
+          const float* kr = keep_row(keep, bits, (task * n + i) * static_cast<int64_t>(n), n, s.seed, s.drop,
+                                    s.keep_scale);
           for (int j = 0; j < n; ++j) row[j] = row[j] * inv * kr[j];
         } else {
           for (int j = 0; j < n; ++j) row[j] *= inv;
@@ -338,10 +472,11 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
   const int n = s.n, d = s.d;
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
     const size_t nn = static_cast<size_t>(n) * n;
-    float* probs = scratch(3 * nn + n + 8);  // P, then dS
-    float* grad_probs = probs + nn;          // dL/d(dropped P), then dL/dP
-    float* dropped = probs + 2 * nn;         // dropout(P)
+    float* probs = scratch(3 * nn + n + n / 2 + 8);  // P, then dS
+    float* grad_probs = probs + nn;                  // dL/d(dropped P), then dL/dP
+    float* dropped = probs + 2 * nn;                 // dropout(P)
     float* keep = probs + 3 * nn;
+    uint64_t* bits = keep_bits(keep, n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads;
       const int64_t offset = b * s.seq * 3 * s.width + h * s.head_dim;
@@ -358,7 +493,8 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
         const float m = pstats[2 * (task * n + i)], inv = pstats[2 * (task * n + i) + 1];
         for (int j = 0; j < n; ++j) p[j] = exp_poly(p[j] - m) * inv;
         if (s.drop > 0) {
-          const float* kr = keep_row(keep, (task * n + i) * static_cast<int64_t>(n), n, s.seed, s.drop, s.keep_scale);
+          const float* kr = keep_row(keep, bits, (task * n + i) * static_cast<int64_t>(n), n, s.seed, s.drop,
+                                    s.keep_scale);
           for (int j = 0; j < n; ++j) {
             dp[j] = p[j] * kr[j];
             g[j] *= kr[j];
@@ -580,6 +716,9 @@ TORCH_LIBRARY(mage_hf, m) {
         "float keep_scale) -> Tensor");
   m.def("sum_of_squares(Tensor[] tensors) -> float");
   m.def("winograd_conv3x3_(Tensor x, Tensor u, Tensor? bias, Tensor(a!) out, bool accumulate) -> Tensor(a!)");
+  m.def("gelu_dropout(Tensor x, int seed, int drop, float scale) -> Tensor");
+  m.def("gelu_dropout_(Tensor(a!) x, int seed, int drop, float scale) -> Tensor(a!)");
+  m.def("gelu_dropout_backward(Tensor grad, Tensor x, int seed, int drop, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mage_hf, CPU, m) {
@@ -590,4 +729,7 @@ TORCH_LIBRARY_IMPL(mage_hf, CPU, m) {
   m.impl("attention_dropout_bwd", &attention_dropout_bwd);
   m.impl("sum_of_squares", &sum_of_squares);
   m.impl("winograd_conv3x3_", &winograd_conv3x3_);
+  m.impl("gelu_dropout", &gelu_dropout);
+  m.impl("gelu_dropout_", &gelu_dropout_);
+  m.impl("gelu_dropout_backward", &gelu_dropout_backward);
 }
