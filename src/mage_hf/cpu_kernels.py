@@ -480,7 +480,7 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
 _NATIVE_OPS = (
     "dropout_mask_mul", "dropout_mask_mul_", "group_norm_silu_out", "attention_dropout_fwd", "attention_dropout_bwd",
-    "sum_of_squares", "winograd_conv3x3_", "gelu_dropout", "gelu_dropout_", "gelu_dropout_backward",
+    "sum_of_squares", "winograd_conv3x3_", "gelu_dropout", "gelu_dropout_backward",
 )
 _native = {"state": None}  # None: not tried yet; then True (loaded) or False (unavailable)
 _native_lock = threading.Lock()

@@ -16,8 +16,8 @@
 //   accumulated per channel in double precision (E[x^2] - E[x]^2 cancels when the mean is large against the
 //   spread), then per group in a fixed order, so the result does not depend on the thread count.
 //
-// gelu_dropout(x, seed, drop, scale), gelu_dropout_(x, ...) and gelu_dropout_backward(grad, x, ...): dropout(gelu(x))
-//   with dropout_mask_mul's mask (none when drop = 0), and its input gradient, in one pass each.
+// gelu_dropout(x, seed, drop, scale) and gelu_dropout_backward(grad, x, seed, drop, scale): dropout(gelu(x)) with
+//   dropout_mask_mul's mask (none when drop = 0), and its input gradient, in one pass each.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -50,31 +50,40 @@ inline uint64_t block_bits(uint64_t seed, int64_t block) {
   return splitmix64(seed + static_cast<uint64_t>(block + 1) * kGamma);
 }
 
-inline uint32_t lane_draw(uint64_t bits, int64_t lane) { return static_cast<uint32_t>(bits >> (16 * lane)) & 0xFFFFu; }
-
 // The 64 random bits of blocks [first, first + count) into `bits`. Read as uint16_t (little-endian x86/ARM), element
 // 4 j + k of the span is lane k of block j: its draw is `reinterpret_cast<const uint16_t*>(bits)[4 j + k]`, which a
-// vectorised loop reads directly, with no shuffling of lanes.
+// vectorised loop reads directly, with no shuffling of lanes (splitting the words in registers took most of the time).
+// Both the writes and the reads go through may_alias types, so that type-based alias analysis may not move the reads
+// before the writes (plain uint16_t reads of uint64_t objects would break strict aliasing).
 static_assert(std::endian::native == std::endian::little, "the draws are read as the 16-bit lanes of 64-bit words");
+typedef uint64_t __attribute__((may_alias)) bits64_t;
+typedef uint16_t __attribute__((may_alias)) draw16_t;
 
-inline void chunk_bits(uint64_t* __restrict bits, int64_t first, int64_t count, uint64_t seed) {
+inline void chunk_bits(bits64_t* __restrict bits, int64_t first, int64_t count, uint64_t seed) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) bits[j] = block_bits(seed, first + j);
 }
 
-// Elements [0, count) of a span that starts at element 4 `first_block` (whose draws it takes), in chunks: the chunk's
-// random bits first, then one vectorised loop over its elements. In place (`kInPlace`), `out` holds the input and `x`
-// is never read: it is the same buffer, and the pointers are restrict so that the loop vectorises without run-time
-// overlap checks.
+// Elements [0, count) of a span that starts at element 4 `first_block` (whose draws it takes), in chunks of 1024:
+// `body(c, m, draws)` handles elements [c, c + m), `draws` (their 16-bit draws, made first when `with_draws`) indexed
+// from 0 at element c.
+template <class Body>
+void draw_chunks(int64_t count, int64_t first_block, uint64_t seed, bool with_draws, Body&& body) {
+  constexpr int64_t kChunk = 1024;
+  alignas(64) bits64_t bits[kChunk / 4];
+  for (int64_t c = 0; c < count; c += kChunk) {
+    const int64_t m = std::min(kChunk, count - c);
+    if (with_draws) chunk_bits(bits, first_block + c / 4, (m + 3) / 4, seed);
+    body(c, m, reinterpret_cast<const draw16_t*>(bits));
+  }
+}
+
+// A span of dropout_mask_mul. In place (`kInPlace`), `out` holds the input and `x` is never read: it is the same
+// buffer, and the pointers are restrict so that the loop vectorises without run-time overlap checks.
 template <bool kInPlace>
 void mask_mul_span(const float* __restrict x, float* __restrict out, int64_t count, int64_t first_block,
                    uint64_t seed, uint32_t drop, float scale) {
-  constexpr int64_t kChunk = 1024;
-  alignas(64) uint64_t bits[kChunk / 4];
-  const uint16_t* __restrict draws = reinterpret_cast<const uint16_t*>(bits);
-  for (int64_t c = 0; c < count; c += kChunk) {
-    const int64_t m = std::min(kChunk, count - c);
-    chunk_bits(bits, first_block + c / 4, (m + 3) / 4, seed);
+  draw_chunks(count, first_block, seed, true, [&](int64_t c, int64_t m, const draw16_t* __restrict draws) {
     const float* __restrict in = kInPlace ? out + c : x + c;
     float* __restrict y = out + c;
 #pragma omp simd
@@ -82,7 +91,7 @@ void mask_mul_span(const float* __restrict x, float* __restrict out, int64_t cou
       const float v = in[i] * scale;
       y[i] = draws[i] >= drop ? v : 0.0f;
     }
-  }
+  });
 }
 
 at::Tensor& mask_mul_into(const at::Tensor& x, at::Tensor& out, int64_t seed, int64_t drop, double scale) {
@@ -159,27 +168,20 @@ inline GeluParts gelu_parts(float x) {
   return {x < 0.0f ? q : 1.0f - q, e};
 }
 
-// Elements [0, count) of a span that starts at element 4 `first_block` of the whole tensor (whose draws it takes).
-// kMode 0: out = gelu(in) (* keep); 1: the same in place (`out` holds the input, `in` is not read); 2: the backward
-// pass, out = grad (* keep) * gelu'(in). Taken in chunks: the chunk's keep multipliers first (blocks of four draws),
-// then one vectorised loop over its elements.
-template <int kMode, bool kDrop>
+// A span of gelu_dropout (kBackward false: out = gelu(in) (* keep)) or of its backward pass (true:
+// out = grad (* keep) * gelu'(in)), as mask_mul_span.
+template <bool kBackward, bool kDrop>
 void gelu_span(const float* __restrict in, const float* __restrict grad, float* __restrict out, int64_t count,
                int64_t first_block, uint64_t seed, uint32_t drop, float scale) {
-  constexpr int64_t kChunk = 1024;
-  alignas(64) uint64_t bits[kChunk / 4];
-  for (int64_t c = 0; c < count; c += kChunk) {
-    const int64_t m = std::min(kChunk, count - c);
-    if (kDrop) chunk_bits(bits, first_block + c / 4, (m + 3) / 4, seed);
-    const uint16_t* __restrict draws = reinterpret_cast<const uint16_t*>(bits);
-    const float* __restrict x_in = kMode == 1 ? out + c : in + c;
+  draw_chunks(count, first_block, seed, kDrop, [&](int64_t c, int64_t m, const draw16_t* __restrict draws) {
+    const float* __restrict x_in = in + c;
     float* __restrict y = out + c;
 #pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
       const float x = x_in[i];
       const GeluParts p = gelu_parts(x);
       float v;
-      if (kMode == 2) {  // Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+      if (kBackward) {  // Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
         v = (kDrop ? grad[c + i] * scale : grad[c + i]) * (p.cdf + x * (0.3989422804014327f * p.exp));
       } else {
         v = x * p.cdf;
@@ -187,33 +189,32 @@ void gelu_span(const float* __restrict in, const float* __restrict grad, float* 
       }
       y[i] = !kDrop || draws[i] >= drop ? v : 0.0f;
     }
-  }
+  });
 }
 
-template <int kMode, bool kDrop>
+template <bool kBackward, bool kDrop>
 void gelu_all(const float* in, const float* grad, float* out, int64_t n, uint64_t seed, uint32_t drop, float scale) {
   const int64_t blocks = n / 4;
   at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) {
     const int64_t i = 4 * begin;
-    gelu_span<kMode, kDrop>(kMode == 1 ? nullptr : in + i, kMode == 2 ? grad + i : nullptr, out + i,
-                            4 * (end - begin), begin, seed, drop, scale);
+    gelu_span<kBackward, kDrop>(in + i, kBackward ? grad + i : nullptr, out + i, 4 * (end - begin), begin, seed, drop,
+                                scale);
   });
   const int64_t i = 4 * blocks;  // the partial last block (its draws as if it were whole)
   if (n > i) {
-    gelu_span<kMode, kDrop>(kMode == 1 ? nullptr : in + i, kMode == 2 ? grad + i : nullptr, out + i, n - i, blocks,
-                            seed, drop, scale);
+    gelu_span<kBackward, kDrop>(in + i, kBackward ? grad + i : nullptr, out + i, n - i, blocks, seed, drop, scale);
   }
 }
 
-template <int kMode>
+template <bool kBackward>
 void gelu_run(const float* in, const float* grad, float* out, int64_t n, int64_t seed, int64_t drop, double scale) {
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint32_t udrop = static_cast<uint32_t>(drop);
   const float fscale = static_cast<float>(scale);
   if (drop > 0) {
-    gelu_all<kMode, true>(in, grad, out, n, useed, udrop, fscale);
+    gelu_all<kBackward, true>(in, grad, out, n, useed, udrop, fscale);
   } else {
-    gelu_all<kMode, false>(in, grad, out, n, useed, udrop, fscale);
+    gelu_all<kBackward, false>(in, grad, out, n, useed, udrop, fscale);
   }
 }
 
@@ -226,14 +227,8 @@ void gelu_check(const at::Tensor& x, int64_t drop, const char* what) {
 at::Tensor gelu_dropout(const at::Tensor& x, int64_t seed, int64_t drop, double scale) {
   gelu_check(x, drop, "gelu_dropout");
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  gelu_run<0>(x.data_ptr<float>(), nullptr, out.data_ptr<float>(), x.numel(), seed, drop, scale);
+  gelu_run<false>(x.data_ptr<float>(), nullptr, out.data_ptr<float>(), x.numel(), seed, drop, scale);
   return out;
-}
-
-at::Tensor& gelu_dropout_(at::Tensor& x, int64_t seed, int64_t drop, double scale) {
-  gelu_check(x, drop, "gelu_dropout_");
-  gelu_run<1>(nullptr, nullptr, x.data_ptr<float>(), x.numel(), seed, drop, scale);
-  return x;
 }
 
 at::Tensor gelu_dropout_backward(const at::Tensor& grad, const at::Tensor& x, int64_t seed, int64_t drop,
@@ -242,7 +237,7 @@ at::Tensor gelu_dropout_backward(const at::Tensor& grad, const at::Tensor& x, in
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
               "grad must be a contiguous float32 tensor of the input's shape");
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  gelu_run<2>(x.data_ptr<float>(), grad.data_ptr<float>(), out.data_ptr<float>(), x.numel(), seed, drop, scale);
+  gelu_run<true>(x.data_ptr<float>(), grad.data_ptr<float>(), out.data_ptr<float>(), x.numel(), seed, drop, scale);
   return out;
 }
 
@@ -359,11 +354,11 @@ inline void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, float alpha
 // The keep multipliers of elements [first, first + n) of the flat (B, H, N, N) probabilities: scale where
 // dropout_mask_mul keeps the element, 0 where it drops it. The random bits of the blocks of four draws that cover them
 // go into `bits` (room for n / 4 + 2 blocks), the multipliers into `buffer` (room for n values).
-inline const float* keep_row(float* __restrict buffer, uint64_t* __restrict bits, int64_t first, int64_t n,
+inline const float* keep_row(float* __restrict buffer, bits64_t* __restrict bits, int64_t first, int64_t n,
                              uint64_t seed, uint32_t drop, float scale) {
   const int64_t block0 = first / 4;
   chunk_bits(bits, block0, (first + n + 3) / 4 - block0, seed);
-  const uint16_t* __restrict draws = reinterpret_cast<const uint16_t*>(bits) + (first - 4 * block0);
+  const draw16_t* __restrict draws = reinterpret_cast<const draw16_t*>(bits) + (first - 4 * block0);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) buffer[j] = draws[j] >= drop ? scale : 0.0f;
   return buffer;
@@ -395,9 +390,9 @@ Attention attention_args(const at::Tensor& qkv, int64_t heads, double scale, int
 
 // The random bits' room in a thread's scratch: after the n keep multipliers at `keep`, 8-byte aligned, n / 4 + 2
 // blocks (the scratch holds n + n / 2 + 8 floats from `keep` on).
-inline uint64_t* keep_bits(float* keep, int n) {
+inline bits64_t* keep_bits(float* keep, int n) {
   const uintptr_t end = reinterpret_cast<uintptr_t>(keep + n);
-  return reinterpret_cast<uint64_t*>((end + 7) & ~uintptr_t{7});
+  return reinterpret_cast<bits64_t*>((end + 7) & ~uintptr_t{7});
 }
 
 // Per-thread scratch, kept between calls: fresh memory costs page faults on every call otherwise.
@@ -420,7 +415,7 @@ std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t hea
     const size_t nn = static_cast<size_t>(n) * n;
     float* probs = scratch(nn + n + n / 2 + 8);
     float* keep = probs + nn;
-    uint64_t* bits = keep_bits(keep, n);
+    bits64_t* bits = keep_bits(keep, n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads;
       const float* q = base + b * s.seq * 3 * s.width + h * s.head_dim;
@@ -476,7 +471,7 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
     float* grad_probs = probs + nn;                  // dL/d(dropped P), then dL/dP
     float* dropped = probs + 2 * nn;                 // dropout(P)
     float* keep = probs + 3 * nn;
-    uint64_t* bits = keep_bits(keep, n);
+    bits64_t* bits = keep_bits(keep, n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads;
       const int64_t offset = b * s.seq * 3 * s.width + h * s.head_dim;
@@ -717,7 +712,6 @@ TORCH_LIBRARY(mage_hf, m) {
   m.def("sum_of_squares(Tensor[] tensors) -> float");
   m.def("winograd_conv3x3_(Tensor x, Tensor u, Tensor? bias, Tensor(a!) out, bool accumulate) -> Tensor(a!)");
   m.def("gelu_dropout(Tensor x, int seed, int drop, float scale) -> Tensor");
-  m.def("gelu_dropout_(Tensor(a!) x, int seed, int drop, float scale) -> Tensor(a!)");
   m.def("gelu_dropout_backward(Tensor grad, Tensor x, int seed, int drop, float scale) -> Tensor");
 }
 
@@ -730,6 +724,5 @@ TORCH_LIBRARY_IMPL(mage_hf, CPU, m) {
   m.impl("sum_of_squares", &sum_of_squares);
   m.impl("winograd_conv3x3_", &winograd_conv3x3_);
   m.impl("gelu_dropout", &gelu_dropout);
-  m.impl("gelu_dropout_", &gelu_dropout_);
   m.impl("gelu_dropout_backward", &gelu_dropout_backward);
 }
