@@ -187,7 +187,19 @@ def _tensors_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if torch.is_grad_enabled() and needs_grad:
         return False  # the packed kernels have no backward
     # Compilers pack weights themselves (and must not trace through the cache).
-    return not (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing())
+    return not _compiling()
+
+
+def _compiling() -> bool:
+    """Inside `torch.compile`, TorchScript or tracing: the packed weights and native ops stay out of those graphs
+    (compilers pack weights and fuse dropout themselves)."""
+    return torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+
+
+def _keep_scale(drop: int) -> float:
+    """The scale of kept values for the 16-bit drop threshold `drop` (P(drop) = drop / 2^16): the inverse of the
+    exact keep probability, so the expected value is unchanged."""
+    return 65536 / (65536 - drop)
 
 
 def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -576,12 +588,12 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
         return x
     if not (0.0 < p < 1.0) or not _state["enabled"] or x.device.type != "cpu" or not x.is_floating_point():
         return F.dropout(x, p, training)
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+    if _compiling():
         return F.dropout(x, p, training)  # compilers fuse their own dropout
     drop = round(p * 65536)  # values in [-32768, -32768 + drop) are dropped: P(drop) = drop / 2^16
     if drop in (0, 65536):
         return F.dropout(x, p, training)  # p too close to 0 or 1 for 16 bits
-    scale = 65536 / (65536 - drop)
+    scale = _keep_scale(drop)
     if x.dtype == torch.float32 and type(x) is torch.Tensor and native_ops_available():
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         if inplace and x.is_contiguous() and not x._is_view() and not x.is_leaf:
@@ -618,15 +630,14 @@ def gelu_dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool
     of two passes and an extra activation each way. Otherwise it is torch's GELU (the faster kernel for GELU alone),
     then [`dropout`]. `inplace` (for a fresh activation such as a linear layer's output): GELU then writes into `x`
     when no autograd graph records it, as in inference, saving a new activation."""
-    drop = round(p * 65536) if training else 0
+    drop = round(p * 65536) if training else 0  # as in `dropout`
     native = (
         0 < drop < 65536 and _state["enabled"] and x.device.type == "cpu" and x.dtype == torch.float32
-        and type(x) is torch.Tensor and x.is_contiguous()
-        and not (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing())
+        and type(x) is torch.Tensor and x.is_contiguous() and not _compiling()
     )
     if native and native_ops_available():
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        return _NativeGeluDropout.apply(x, seed, drop, 65536 / (65536 - drop))
+        return _NativeGeluDropout.apply(x, seed, drop, _keep_scale(drop))
     if inplace and not (torch.is_grad_enabled() and x.requires_grad):
         hidden = torch.ops.aten.gelu_(x)  # the same values as F.gelu
     else:
@@ -664,7 +675,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float, p: float) -> torc
     when the native kernel cannot take the case (the caller then uses SDPA or the explicit ops)."""
     if not (0.0 <= p < 1.0) or not _state["enabled"] or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
         return None
-    if type(qkv) is not torch.Tensor or qkv.dim() != 3 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if type(qkv) is not torch.Tensor or qkv.dim() != 3 or _compiling():
         return None
     if qkv.shape[0] * num_heads < torch.get_num_threads():
         return None  # one task per (image, head): too few to keep every thread busy; the unfused ops split finer
@@ -674,7 +685,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float, p: float) -> torc
     if drop == 65536 or not native_ops_available():
         return None
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if drop else 0
-    return _NativeAttention.apply(qkv.contiguous(), num_heads, scale, seed, drop, 65536 / (65536 - drop))
+    return _NativeAttention.apply(qkv.contiguous(), num_heads, scale, seed, drop, _keep_scale(drop))
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
