@@ -8,6 +8,7 @@ Nothing here is imported by the library; it only needs torch (and `mage_hf` for 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def count_flops_by_kind(fn, *args, **kwargs) -> dict[str, int]:
 class _WinogradCalls(TorchDispatchMode):
     """Adds up, over the calls of mage-hf's Winograd convolution kernel it sees, the multiply-adds (x 2) the direct
     convolution would do and the kernel does not: 9 taps at each of the B H W output pixels, against 16 products per
-    2x2 tile (tiles hang over odd edges). A dispatch mode, not module hooks: hooks would send the convolutions down
+    2x2 tile or 36 per 4x4 tile (the transform `u` has 16 or 36 positions; tiles hang over the edges). A dispatch mode, not module hooks: hooks would send the convolutions down
     the plain path (see `cpu_kernels`), as the FLOP counter's do."""
 
     def __init__(self):
@@ -171,8 +172,10 @@ class _WinogradCalls(TorchDispatchMode):
         if cpu_kernels.native_ops_available() and func is torch.ops.mage_hf.winograd_conv3x3_.default:
             x, u = args[0], args[1]
             batch, channels, height, width = x.shape
-            tiles = batch * ((height + 1) // 2) * ((width + 1) // 2)
-            self.saved += 2 * channels * u.shape[2] * (9 * batch * height * width - 16 * tiles)
+            positions = u.shape[0]  # (m + 2)^2 for m x m output tiles
+            m = math.isqrt(positions) - 2
+            tiles = batch * ((height + m - 1) // m) * ((width + m - 1) // m)
+            self.saved += 2 * channels * u.shape[2] * (9 * batch * height * width - positions * tiles)
         return func(*args, **(kwargs or {}))
 
 

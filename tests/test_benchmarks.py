@@ -40,6 +40,10 @@ def test_winograd_savings_are_the_direct_products_the_kernel_skips():
         assert count_flops(conv, x) == direct
     tiles = 2 * 4 * 5  # 2x2 tiles; the last tile row hangs over the odd edge
     assert saved == direct - 2 * 64 * 80 * 16 * tiles and plain == 0
+    with cpu_kernels.use_packed_kernels(True), cpu_kernels.winograd_tile_size(4):
+        saved = winograd_savings(cpu_kernels.conv2d, conv, x)
+    tiles = 2 * 2 * 3  # 4x4 tiles of 36 products each, hanging over both edges
+    assert saved == direct - 2 * 64 * 80 * 36 * tiles
 
 
 def test_attention_flops_are_counted_the_same_for_sdpa_and_eager():

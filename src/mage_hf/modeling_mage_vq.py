@@ -146,11 +146,14 @@ class MageVQEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         # By default the encoder keeps the standard layout, in which its codebook ids match the original's exactly:
         # a channels-last convolution rounds differently, enough to flip a nearest code that is nearly tied.
-        # `channels_last` trades that for speed (see `MageVQModel.encode`).
-        if channels_last:
-            h = cpu_kernels.conv2d(self.conv_in, _to_conv_layout(pixel_values))
-        else:
-            h = self.conv_in(pixel_values)
+        # `channels_last` trades that for speed (see `MageVQModel.encode`), and so also takes the faster Winograd
+        # tiles, whose rounding error is larger still (see `cpu_kernels.winograd_tile_size`).
+        if not channels_last:
+            return self._forward(self.conv_in(pixel_values))
+        with cpu_kernels.winograd_tile_size(4):
+            return self._forward(cpu_kernels.conv2d(self.conv_in, _to_conv_layout(pixel_values)))
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
         scratch = []  # spare activations handed from block to block (see `MageVQResnetBlock.forward`)
         for i, level in enumerate(self.down):
             for block in level.block:
@@ -303,9 +306,9 @@ class MageVQModel(MageVQPreTrainedModel):
                 `config.downsample_factor`.
             channels_last (`bool`, *optional*, defaults to `False`):
                 On the CPU, run the encoder's convolutions in channels-last layout like the decoder's (3x3 ones by
-                the Winograd kernel, the others by oneDNN, weights prepared once): about twice as fast at 256x256
-                (`benchmarks/README.md`). The latents then differ from the standard layout's by rounding (~1e-5),
-                which changes a codebook id only where two codes are nearly tied. The training scripts use it (a
+                the Winograd kernel with 4x4 output tiles, the others by oneDNN, weights prepared once): about 3x as
+                fast at 256x256 (`benchmarks/README.md`). The latents then differ from the standard layout's by
+                rounding (relative RMS ~1e-5), which changes a codebook id only where two codes are nearly tied. The training scripts use it (a
                 rare near-tie does not matter for training targets); the default keeps the ids identical to the
                 original implementation's.
 

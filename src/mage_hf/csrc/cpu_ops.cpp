@@ -514,23 +514,36 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3), for the VQGAN's channels-last
-// CPU inference (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). The output is cut into
-// 2x2 tiles; tile t reads a 4x4 patch d of the input (zero outside the image). With the transforms
-//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],   A^T = [1 1 1 0; 0 1 -1 -1],
-//   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]   (u = G g G^T, prepared once per weight by the caller),
-// the tile's output is A^T [ sum over input channels of (B^T d B) * u ] A, * elementwise over the 4x4 positions.
-// For each of the 16 positions xi that sum over channels is a matmul: M_xi (tiles x K) = V_xi (tiles x C) U_xi
-// (C x K). So a tile costs 16 C K multiply-adds instead of the 36 C K of the direct convolution (2.25x fewer), plus
-// transforms that are linear in C + K. Tiles are taken in blocks whose V and M (16 x block x (C + K) floats) stay
-// in a per-thread buffer; each block's 16 matmuls run on its thread (MKL's sgemm, as in the attention kernel).
+// 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4, for the VQGAN's
+// channels-last CPU inference (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). The output is
+// cut into m x m tiles; tile t reads an n x n patch d (n = m + 2) of the input (zero outside the image), and its
+// output is A^T [ sum over input channels of (B^T d B) * u ] A, * elementwise over the n x n positions, with
+// u = G g G^T prepared once per weight by the caller (cpu_kernels.py holds G). For each of the n^2 positions xi that
+// sum over channels is a matmul: M_xi (tiles x K) = V_xi (tiles x C) U_xi (C x K). Tiles are taken in blocks whose V
+// and M (n^2 x block x (C + K) floats) stay in a per-thread buffer; each block's matmuls run on its thread (MKL's
+// sgemm, as in the attention kernel).
+//
+// F(2x2, 3x3) (u of 16 positions): 16 C K multiply-adds per 4 outputs instead of 36 C K (2.25x fewer). Its
+//   transforms only add and subtract, and G's entries (0, +-1/2, 1) are exact: its result is closer to a float64
+//   convolution than a direct float32 one. The decode uses it.
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],   A^T = [1 1 1 0; 0 1 -1 -1].
+// F(4x4, 3x3) (u of 36 positions): 36 C K multiply-adds per 16 outputs (4x fewer than direct), with the points
+//   0, +-1, +-2 and infinity. The transforms scale by up to 8, so its rounding error is ~10x a direct convolution's
+//   (relative RMS ~3e-6 against ~2.5e-7): only the channels-last encode of training takes it (cpu_kernels.py).
+//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
 //
 // winograd_conv3x3_(x, u, bias, out, accumulate): out = conv(x) + bias (+ out's previous values if `accumulate`),
-//   x (N, C, H, W) and out (N, K, H, W) float32 channels-last, u (16, C, K) contiguous, bias (K) or None.
+//   x (N, C, H, W) and out (N, K, H, W) float32 channels-last, u (n^2, C, K) contiguous (its first size selects m),
+//   bias (K) or None.
 
-// Input transform of one tile: the 16 values of B^T d B per channel, d given by 16 row pointers (a zero row
-// outside the image), written to v[xi * stride + c].
-inline void winograd_input_tile(const float* const* d, int64_t channels, float* __restrict v, int64_t stride) {
+// The transforms are written out per tile size, with their small loops unrolled before the loop over channels is
+// vectorised: written generically (B^T and A^T as functions on small arrays), or with 6-step loops GCC does not
+// unroll by itself, they were vectorised within a channel instead of across channels and ran 2-3x slower.
+
+// Input transform of one F(2x2, 3x3) tile: the 16 values of B^T d B per channel, d given by 16 row pointers (a zero
+// row outside the image), written to v[xi * stride + c].
+inline void winograd2_input_tile(const float* const* d, int64_t channels, float* __restrict v, int64_t stride) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     float t[4][4];
@@ -550,12 +563,41 @@ inline void winograd_input_tile(const float* const* d, int64_t channels, float* 
   }
 }
 
-// Output transform of one tile: A^T m A per output channel (m[xi * stride + k]), plus the bias and, with
+// The same for an F(4x4, 3x3) tile: 36 values from 36 row pointers.
+inline void winograd4_input_tile(const float* const* d, int64_t channels, float* __restrict v, int64_t stride) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    float t[6][6];
+#pragma GCC unroll 6
+    for (int b = 0; b < 6; ++b) {  // B^T d: combine rows
+      const float d0 = d[b][c], d1 = d[6 + b][c], d2 = d[12 + b][c], d3 = d[18 + b][c], d4 = d[24 + b][c],
+                  d5 = d[30 + b][c];
+      t[0][b] = 4.0f * d0 - 5.0f * d2 + d4;
+      t[1][b] = (d3 + d4) - 4.0f * (d1 + d2);
+      t[2][b] = (d4 - d3) + 4.0f * (d1 - d2);
+      t[3][b] = (d4 - d2) + 2.0f * (d3 - d1);
+      t[4][b] = (d4 - d2) - 2.0f * (d3 - d1);
+      t[5][b] = 4.0f * d1 - 5.0f * d3 + d5;
+    }
+#pragma GCC unroll 6
+    for (int a = 0; a < 6; ++a) {  // (B^T d) B: combine columns
+      const float t0 = t[a][0], t1 = t[a][1], t2 = t[a][2], t3 = t[a][3], t4 = t[a][4], t5 = t[a][5];
+      v[(6 * a + 0) * stride + c] = 4.0f * t0 - 5.0f * t2 + t4;
+      v[(6 * a + 1) * stride + c] = (t3 + t4) - 4.0f * (t1 + t2);
+      v[(6 * a + 2) * stride + c] = (t4 - t3) + 4.0f * (t1 - t2);
+      v[(6 * a + 3) * stride + c] = (t4 - t2) + 2.0f * (t3 - t1);
+      v[(6 * a + 4) * stride + c] = (t4 - t2) - 2.0f * (t3 - t1);
+      v[(6 * a + 5) * stride + c] = 4.0f * t1 - 5.0f * t3 + t5;
+    }
+  }
+}
+
+// Output transform of one F(2x2, 3x3) tile: A^T m A per output channel (m[xi * stride + k]), plus the bias and, with
 // `accumulate`, the values already in the outputs; o[q] points at output pixel q = 2 row + column of the tile, or is
 // null where the tile hangs over the image's edge (odd heights and widths).
 template <bool kAccumulate>
-inline void winograd_output_tile(const float* __restrict m, int64_t stride, int64_t channels, const float* bias,
-                                 float* const* o) {
+inline void winograd2_output_tile(const float* __restrict m, int64_t stride, int64_t channels, const float* bias,
+                                  float* const* o) {
   const bool whole = o[0] && o[1] && o[2] && o[3];
   float* __restrict o0 = o[0];
   float* __restrict o1 = o[1];
@@ -592,15 +634,139 @@ inline void winograd_output_tile(const float* __restrict m, int64_t stride, int6
   }
 }
 
+// The same for an F(4x4, 3x3) tile: 16 outputs from 36 values; o[q] for q = 4 row + column. A whole tile's four
+// pixels in a row are consecutive in memory, `channels` apart, so it is written through four row pointers; tiles
+// over the edge (sides that are not multiples of 4) take the loop with a test per pixel.
+template <bool kAccumulate, bool kWhole>
+inline void winograd4_output_loop(const float* __restrict m, int64_t stride, int64_t channels, const float* bias,
+                                  float* const* o) {
+  float* __restrict r0 = o[0];
+  float* __restrict r1 = o[4];
+  float* __restrict r2 = o[8];
+  float* __restrict r3 = o[12];
+  float* __restrict rows[4] = {r0, r1, r2, r3};
+#pragma omp simd
+  for (int64_t k = 0; k < channels; ++k) {
+    float s[4][6];
+#pragma GCC unroll 6
+    for (int b = 0; b < 6; ++b) {  // A^T m: combine rows
+      const float m0 = m[b * stride + k], m1 = m[(6 + b) * stride + k], m2 = m[(12 + b) * stride + k],
+                  m3 = m[(18 + b) * stride + k], m4 = m[(24 + b) * stride + k], m5 = m[(30 + b) * stride + k];
+      const float s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+      s[0][b] = m0 + s12 + s34;
+      s[1][b] = d12 + 2.0f * d34;
+      s[2][b] = s12 + 4.0f * s34;
+      s[3][b] = d12 + 8.0f * d34 + m5;
+    }
+    const float bk = bias ? bias[k] : 0.0f;
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {  // (A^T m) A: combine columns
+      const float s12 = s[a][1] + s[a][2], d12 = s[a][1] - s[a][2], s34 = s[a][3] + s[a][4], d34 = s[a][3] - s[a][4];
+      const float y[4] = {s[a][0] + s12 + s34 + bk, d12 + 2.0f * d34 + bk, s12 + 4.0f * s34 + bk,
+                          d12 + 8.0f * d34 + s[a][5] + bk};
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        if (kWhole) {
+          float* target = rows[a] + j * channels + k;
+          *target = kAccumulate ? y[j] + *target : y[j];
+        } else if (o[4 * a + j]) {
+          float* target = o[4 * a + j] + k;
+          *target = kAccumulate ? y[j] + *target : y[j];
+        }
+      }
+    }
+  }
+}
+
+template <bool kAccumulate>
+inline void winograd4_output_tile(const float* __restrict m, int64_t stride, int64_t channels, const float* bias,
+                                  float* const* o) {
+  bool whole = true;
+  for (int q = 0; q < 16; ++q) whole = whole && o[q];
+  if (whole) {
+    winograd4_output_loop<kAccumulate, true>(m, stride, channels, bias, o);
+  } else {
+    winograd4_output_loop<kAccumulate, false>(m, stride, channels, bias, o);
+  }
+}
+
+template <int M>
+void winograd_conv3x3_impl(const float* px, const float* pu, const float* pbias, float* po, int64_t batch,
+                           int64_t channels, int64_t height, int64_t width, int64_t out_channels, bool accumulate) {
+  constexpr int n = M + 2, positions = n * n;
+  const int64_t tile_cols = (width + M - 1) / M, per_image = (height + M - 1) / M * tile_cols, tiles = batch * per_image;
+  if (tiles == 0) return;
+  // Tiles per block: up to 256 (the matmuls' efficiency grows with it), at most 16 MB of buffers per thread, and a
+  // multiple of the thread count in blocks of equal size (a 32x32 image has only 64 tiles of 4x4; three blocks on two
+  // threads would leave one idle half the time).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t widest = std::min<int64_t>(
+      256, std::max<int64_t>(16, (int64_t{1} << 22) / (positions * (channels + out_channels))));
+  int64_t blocks = (tiles + widest - 1) / widest;
+  blocks = (blocks + threads - 1) / threads * threads;
+  const int64_t block = (tiles + blocks - 1) / blocks;
+  blocks = (tiles + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    float* v = scratch(static_cast<size_t>(positions * block * (channels + out_channels) + channels));
+    float* m = v + positions * block * channels;
+    float* zeros = m + positions * block * out_channels;
+    std::fill(zeros, zeros + channels, 0.0f);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t first = blk * block, count = std::min(block, tiles - first);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t t = first + i, image = t / per_image, row = (t % per_image) / tile_cols, col = t % tile_cols;
+        const float* d[positions];
+        for (int a = 0; a < n; ++a) {
+          for (int b = 0; b < n; ++b) {
+            const int64_t h = M * row - 1 + a, w = M * col - 1 + b;
+            const bool inside = h >= 0 && h < height && w >= 0 && w < width;
+            d[n * a + b] = inside ? px + ((image * height + h) * width + w) * channels : zeros;
+          }
+        }
+        if constexpr (M == 2) {
+          winograd2_input_tile(d, channels, v + i * channels, block * channels);
+        } else {
+          winograd4_input_tile(d, channels, v + i * channels, block * channels);
+        }
+      }
+      for (int xi = 0; xi < positions; ++xi) {  // M_xi = V_xi U_xi
+        gemm_rm(false, false, static_cast<int>(count), static_cast<int>(out_channels), static_cast<int>(channels),
+                1.0f, v + xi * block * channels, static_cast<int>(channels), pu + xi * channels * out_channels,
+                static_cast<int>(out_channels), 0.0f, m + xi * block * out_channels, static_cast<int>(out_channels));
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t t = first + i, image = t / per_image, row = (t % per_image) / tile_cols, col = t % tile_cols;
+        float* o[M * M];
+        for (int a = 0; a < M; ++a) {
+          for (int b = 0; b < M; ++b) {
+            const int64_t h = M * row + a, w = M * col + b;
+            o[M * a + b] = h < height && w < width ? po + ((image * height + h) * width + w) * out_channels : nullptr;
+          }
+        }
+        float* const* tile_out = o;
+        const float* tile_m = m + i * out_channels;
+        const int64_t ld = block * out_channels;
+        if constexpr (M == 2) {
+          accumulate ? winograd2_output_tile<true>(tile_m, ld, out_channels, pbias, tile_out)
+                     : winograd2_output_tile<false>(tile_m, ld, out_channels, pbias, tile_out);
+        } else {
+          accumulate ? winograd4_output_tile<true>(tile_m, ld, out_channels, pbias, tile_out)
+                     : winograd4_output_tile<false>(tile_m, ld, out_channels, pbias, tile_out);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor& winograd_conv3x3_(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
                               at::Tensor& out, bool accumulate) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "mage_hf::winograd_conv3x3_ takes a float32 channels-last (N, C, H, W) CPU tensor");
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 3 && u.size(0) == 16 &&
-                  u.size(1) == channels,
-              "u must be the contiguous (16, C, K) float32 transform of a 3x3 weight with C = ", channels);
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 3 &&
+                  (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == channels,
+              "u must be the contiguous (16 or 36, C, K) float32 transform of a 3x3 weight with C = ", channels);
   const int64_t out_channels = u.size(2);
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   out.sizes() == at::IntArrayRef({batch, out_channels, height, width}) &&
@@ -613,58 +779,13 @@ at::Tensor& winograd_conv3x3_(const at::Tensor& x, const at::Tensor& u, const c1
     pbias = bias->data_ptr<float>();
   }
   TORCH_CHECK(channels < (1 << 20) && out_channels < (1 << 20), "too many channels for this kernel");
-  const int64_t tile_cols = (width + 1) / 2, per_image = (height + 1) / 2 * tile_cols, tiles = batch * per_image;
-  if (tiles == 0) return out;
-  // Tiles per block: up to 256 (the matmuls' efficiency grows with it), at most 16 MB of buffers per thread, and at
-  // least one block per thread (a 16x16 image has only 64 tiles).
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t block = std::min<int64_t>(256, std::max<int64_t>(16, (int64_t{1} << 22) / (16 * (channels + out_channels))));
-  block = std::max<int64_t>(1, std::min(block, (tiles + threads - 1) / threads));
-  const int64_t blocks = (tiles + block - 1) / block;
-  const float* px = x.data_ptr<float>();
-  const float* pu = u.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    float* v = scratch(static_cast<size_t>(16 * block * (channels + out_channels) + channels));
-    float* m = v + 16 * block * channels;
-    float* zeros = m + 16 * block * out_channels;
-    std::fill(zeros, zeros + channels, 0.0f);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t first = blk * block, count = std::min(block, tiles - first);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t t = first + i, n = t / per_image, row = (t % per_image) / tile_cols, col = t % tile_cols;
-        const float* d[16];
-        for (int a = 0; a < 4; ++a) {
-          for (int b = 0; b < 4; ++b) {
-            const int64_t h = 2 * row - 1 + a, w = 2 * col - 1 + b;
-            const bool inside = h >= 0 && h < height && w >= 0 && w < width;
-            d[4 * a + b] = inside ? px + ((n * height + h) * width + w) * channels : zeros;
-          }
-        }
-        winograd_input_tile(d, channels, v + i * channels, block * channels);
-      }
-      for (int xi = 0; xi < 16; ++xi) {  // M_xi = V_xi U_xi
-        gemm_rm(false, false, static_cast<int>(count), static_cast<int>(out_channels), static_cast<int>(channels),
-                1.0f, v + xi * block * channels, static_cast<int>(channels), pu + xi * channels * out_channels,
-                static_cast<int>(out_channels), 0.0f, m + xi * block * out_channels, static_cast<int>(out_channels));
-      }
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t t = first + i, n = t / per_image, row = (t % per_image) / tile_cols, col = t % tile_cols;
-        float* o[4];
-        for (int a = 0; a < 2; ++a) {
-          for (int b = 0; b < 2; ++b) {
-            const int64_t h = 2 * row + a, w = 2 * col + b;
-            o[2 * a + b] = h < height && w < width ? po + ((n * height + h) * width + w) * out_channels : nullptr;
-          }
-        }
-        if (accumulate) {
-          winograd_output_tile<true>(m + i * out_channels, block * out_channels, out_channels, pbias, o);
-        } else {
-          winograd_output_tile<false>(m + i * out_channels, block * out_channels, out_channels, pbias, o);
-        }
-      }
-    }
-  });
+  if (u.size(0) == 16) {
+    winograd_conv3x3_impl<2>(x.data_ptr<float>(), u.data_ptr<float>(), pbias, out.data_ptr<float>(), batch, channels,
+                             height, width, out_channels, accumulate);
+  } else {
+    winograd_conv3x3_impl<4>(x.data_ptr<float>(), u.data_ptr<float>(), pbias, out.data_ptr<float>(), batch, channels,
+                             height, width, out_channels, accumulate);
+  }
   return out;
 }
 
