@@ -44,7 +44,11 @@ filters are transformed once per weight (in float64) and cached like the packed 
 convolution, not an approximation, and closer to a float64 result than the direct float32 kernel (1.5e-6 against
 5e-6 at the VQGAN's 128-channel 256x256 level): the input and output transforms only add and subtract, and the filter
 transform's entries (0, +-1/2, 1) are exact. At the VQGAN's shapes it is 1.3-1.8x faster than oneDNN's direct
-convolution; below 64 channels it is not, and oneDNN keeps those.
+convolution; below 64 channels it is not, and oneDNN keeps those. Within [`winograd_tile_size`]`(4)` the kernel takes
+4x4 output tiles instead, F(4x4, 3x3): 36 instead of 144 multiply-adds per 16 outputs and channel pair, another
+1.4-1.6x faster at the VQGAN encoder's shapes, but with about 10x the rounding error of a direct float32 convolution
+(its transforms scale by up to 8). Only the channels-last encode of the training scripts, which already trades the
+original's exact ids for speed, takes it; the decode and the standard encode never do.
 
 Dropout: `torch.nn.functional.dropout` on the CPU draws its keep mask with `bernoulli_`, about 6 ns per element on
 these machines, and keeps it as a full tensor for the backward pass. MAGE drops out attention probabilities and MLP

@@ -306,7 +306,7 @@ class MageVQModel(MageVQPreTrainedModel):
                 `config.downsample_factor`.
             channels_last (`bool`, *optional*, defaults to `False`):
                 On the CPU, run the encoder's convolutions in channels-last layout like the decoder's (3x3 ones by
-                the Winograd kernel with 4x4 output tiles, the others by oneDNN, weights prepared once): about 3x as
+                the Winograd kernel with 4x4 output tiles, the others by oneDNN, weights prepared once): about 2.5x as
                 fast at 256x256 (`benchmarks/README.md`). The latents then differ from the standard layout's by
                 rounding (relative RMS ~1e-5), which changes a codebook id only where two codes are nearly tied. The training scripts use it (a
                 rare near-tie does not matter for training targets); the default keeps the ids identical to the
