@@ -640,11 +640,7 @@ inline void winograd2_output_tile(const float* __restrict m, int64_t stride, int
 template <bool kAccumulate, bool kWhole>
 inline void winograd4_output_loop(const float* __restrict m, int64_t stride, int64_t channels, const float* bias,
                                   float* const* o) {
-  float* __restrict r0 = o[0];
-  float* __restrict r1 = o[4];
-  float* __restrict r2 = o[8];
-  float* __restrict r3 = o[12];
-  float* __restrict rows[4] = {r0, r1, r2, r3};
+  float* __restrict rows[4] = {o[0], o[4], o[8], o[12]};  // used for whole tiles only
 #pragma omp simd
   for (int64_t k = 0; k < channels; ++k) {
     float s[4][6];
@@ -743,15 +739,14 @@ void winograd_conv3x3_impl(const float* px, const float* pu, const float* pbias,
             o[M * a + b] = h < height && w < width ? po + ((image * height + h) * width + w) * out_channels : nullptr;
           }
         }
-        float* const* tile_out = o;
         const float* tile_m = m + i * out_channels;
         const int64_t ld = block * out_channels;
         if constexpr (M == 2) {
-          accumulate ? winograd2_output_tile<true>(tile_m, ld, out_channels, pbias, tile_out)
-                     : winograd2_output_tile<false>(tile_m, ld, out_channels, pbias, tile_out);
+          accumulate ? winograd2_output_tile<true>(tile_m, ld, out_channels, pbias, o)
+                     : winograd2_output_tile<false>(tile_m, ld, out_channels, pbias, o);
         } else {
-          accumulate ? winograd4_output_tile<true>(tile_m, ld, out_channels, pbias, tile_out)
-                     : winograd4_output_tile<false>(tile_m, ld, out_channels, pbias, tile_out);
+          accumulate ? winograd4_output_tile<true>(tile_m, ld, out_channels, pbias, o)
+                     : winograd4_output_tile<false>(tile_m, ld, out_channels, pbias, o);
         }
       }
     }
