@@ -161,8 +161,9 @@ def count_flops_by_kind(fn, *args, **kwargs) -> dict[str, int]:
 class _WinogradCalls(TorchDispatchMode):
     """Adds up, over the calls of mage-hf's Winograd convolution kernel it sees, the multiply-adds (x 2) the direct
     convolution would do and the kernel does not: 9 taps at each of the B H W output pixels, against 16 products per
-    2x2 tile or 36 per 4x4 tile (the transform `u` has 16 or 36 positions; tiles hang over the edges). A dispatch mode, not module hooks: hooks would send the convolutions down
-    the plain path (see `cpu_kernels`), as the FLOP counter's do."""
+    2x2 tile or 36 per 4x4 tile (the transform `u` has 16 or 36 positions; tiles hang over the edges). A dispatch
+    mode, not module hooks: hooks would send the convolutions down the plain path (see `cpu_kernels`), as the FLOP
+    counter's do."""
 
     def __init__(self):
         super().__init__()

@@ -308,9 +308,9 @@ class MageVQModel(MageVQPreTrainedModel):
                 On the CPU, run the encoder's convolutions in channels-last layout like the decoder's (3x3 ones by
                 the Winograd kernel with 4x4 output tiles, the others by oneDNN, weights prepared once): about 2.5x as
                 fast at 256x256 (`benchmarks/README.md`). The latents then differ from the standard layout's by
-                rounding (relative RMS ~1e-5), which changes a codebook id only where two codes are nearly tied. The training scripts use it (a
-                rare near-tie does not matter for training targets); the default keeps the ids identical to the
-                original implementation's.
+                rounding (a relative RMS of a few 1e-6), which changes a codebook id only where two codes are nearly
+                tied. The training scripts use it (a rare near-tie does not matter for training targets); the default
+                keeps the ids identical to the original implementation's.
 
         Returns:
             [`MageVQEncoderOutput`] with `token_ids` of shape `(batch_size, height // f, width // f)`, or a tuple

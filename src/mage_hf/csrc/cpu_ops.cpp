@@ -690,7 +690,8 @@ template <int M>
 void winograd_conv3x3_impl(const float* px, const float* pu, const float* pbias, float* po, int64_t batch,
                            int64_t channels, int64_t height, int64_t width, int64_t out_channels, bool accumulate) {
   constexpr int n = M + 2, positions = n * n;
-  const int64_t tile_cols = (width + M - 1) / M, per_image = (height + M - 1) / M * tile_cols, tiles = batch * per_image;
+  const int64_t tile_cols = (width + M - 1) / M, per_image = (height + M - 1) / M * tile_cols;
+  const int64_t tiles = batch * per_image;
   if (tiles == 0) return;
   // Tiles per block: up to 256 (the matmuls' efficiency grows with it), at most 16 MB of buffers per thread, and a
   // multiple of the thread count in blocks of equal size (a 32x32 image has only 64 tiles of 4x4; three blocks on two
