@@ -529,7 +529,8 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],   A^T = [1 1 1 0; 0 1 -1 -1].
 // F(4x4, 3x3) (u of 36 positions): 36 C K multiply-adds per 16 outputs (4x fewer than direct), with the points
 //   0, +-1, +-2 and infinity. The transforms scale by up to 8, so its rounding error is ~10x a direct convolution's
-//   (relative RMS ~3e-6 against ~2.5e-7): only the channels-last encode of training takes it (cpu_kernels.py).
+//   (relative RMS 1.5-2.3e-6 against ~2.5e-7 at 128-512 channels): only the channels-last encode of training takes
+//   it (cpu_kernels.py).
 //   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
 //   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
 //
@@ -703,6 +704,7 @@ void winograd_conv3x3_impl(const float* px, const float* pu, const float* pbias,
   blocks = (blocks + threads - 1) / threads * threads;
   const int64_t block = (tiles + blocks - 1) / blocks;
   blocks = (tiles + block - 1) / block;
+  const int64_t ld = block * out_channels;  // the stride between positions in a block's products M
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     float* v = scratch(static_cast<size_t>(positions * block * (channels + out_channels) + channels));
     float* m = v + positions * block * channels;
@@ -729,7 +731,7 @@ void winograd_conv3x3_impl(const float* px, const float* pu, const float* pbias,
       for (int xi = 0; xi < positions; ++xi) {  // M_xi = V_xi U_xi
         gemm_rm(false, false, static_cast<int>(count), static_cast<int>(out_channels), static_cast<int>(channels),
                 1.0f, v + xi * block * channels, static_cast<int>(channels), pu + xi * channels * out_channels,
-                static_cast<int>(out_channels), 0.0f, m + xi * block * out_channels, static_cast<int>(out_channels));
+                static_cast<int>(out_channels), 0.0f, m + xi * ld, static_cast<int>(out_channels));
       }
       for (int64_t i = 0; i < count; ++i) {
         const int64_t t = first + i, image = t / per_image, row = (t % per_image) / tile_cols, col = t % tile_cols;
@@ -741,7 +743,6 @@ void winograd_conv3x3_impl(const float* px, const float* pu, const float* pbias,
           }
         }
         const float* tile_m = m + i * out_channels;
-        const int64_t ld = block * out_channels;
         if constexpr (M == 2) {
           accumulate ? winograd2_output_tile<true>(tile_m, ld, out_channels, pbias, o)
                      : winograd2_output_tile<false>(tile_m, ld, out_channels, pbias, o);
