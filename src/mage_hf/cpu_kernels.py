@@ -187,12 +187,17 @@ def winograd_tile_size(size: int):
     """
     if size not in (2, 4):
         raise ValueError(f"the Winograd tile size must be 2 or 4, got {size!r}")
-    previous = getattr(_winograd, "tile", 2)
+    previous = _winograd_tile()
     _winograd.tile = size
     try:
         yield
     finally:
         _winograd.tile = previous
+
+
+def _winograd_tile() -> int:
+    """This thread's Winograd output tile size: 2 unless within [`winograd_tile_size`]."""
+    return getattr(_winograd, "tile", 2)
 
 
 def _module_ok(module: nn.Module, kind: type) -> bool:
@@ -224,6 +229,12 @@ def _compiling() -> bool:
     """Inside `torch.compile`, TorchScript or tracing: the packed weights and native ops stay out of those graphs
     (compilers pack weights and fuse dropout themselves)."""
     return torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+
+
+def _drop_threshold(p: float) -> int:
+    """The 16-bit drop threshold of dropout probability `p`: an element whose 16-bit draw lies below it is dropped,
+    so P(drop) = drop / 2^16 (0 or 65536 when `p` is too close to 0 or 1 for 16 bits)."""
+    return round(p * 65536)
 
 
 def _keep_scale(drop: int) -> float:
@@ -414,7 +425,7 @@ def _winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
 
 def _winograd_packed(module: nn.Conv2d) -> torch.Tensor:
     """The cached filter transform for this thread's tile size (see [`winograd_tile_size`])."""
-    tile = getattr(_winograd, "tile", 2)
+    tile = _winograd_tile()
     weight = module.weight.detach()
     key = ("winograd", tile, tuple(weight.shape))  # the transform does not depend on the input's shape
     return _packed(module, f"winograd{tile}_weight", module.weight, weight, key, lambda: _winograd_weight(weight, tile))
@@ -634,7 +645,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
         return F.dropout(x, p, training)
     if _compiling():
         return F.dropout(x, p, training)  # compilers fuse their own dropout
-    drop = round(p * 65536)  # values in [-32768, -32768 + drop) are dropped: P(drop) = drop / 2^16
+    drop = _drop_threshold(p)
     if drop in (0, 65536):
         return F.dropout(x, p, training)  # p too close to 0 or 1 for 16 bits
     scale = _keep_scale(drop)
@@ -674,7 +685,7 @@ def gelu_dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool
     of two passes and an extra activation each way. Otherwise it is torch's GELU (the faster kernel for GELU alone),
     then [`dropout`]. `inplace` (for a fresh activation such as a linear layer's output): GELU then writes into `x`
     when no autograd graph records it, as in inference, saving a new activation."""
-    drop = round(p * 65536) if training else 0  # as in `dropout`
+    drop = _drop_threshold(p) if training else 0
     native = (
         0 < drop < 65536 and _state["enabled"] and x.device.type == "cpu" and x.dtype == torch.float32
         and type(x) is torch.Tensor and x.is_contiguous() and not _compiling()
@@ -725,7 +736,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float, p: float) -> torc
         return None  # one task per (image, head): too few to keep every thread busy; the unfused ops split finer
     if qkv.shape[1] > _ATTENTION_MAX_TOKENS:
         return None  # each thread keeps up to three N x N buffers: past cache sizes they buy nothing
-    drop = round(p * 65536)
+    drop = _drop_threshold(p)
     if drop == 65536 or not native_ops_available():
         return None
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if drop else 0

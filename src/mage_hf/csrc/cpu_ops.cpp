@@ -78,6 +78,15 @@ void draw_chunks(int64_t count, int64_t first_block, uint64_t seed, bool with_dr
   }
 }
 
+// Elements [0, n) as spans of whole blocks of four, over the threads, then the partial last block (with the draws it
+// would have if it were whole): `span(first_block, count)` handles elements [4 first_block, 4 first_block + count).
+template <class Span>
+void for_spans(int64_t n, Span&& span) {
+  const int64_t blocks = n / 4;
+  at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) { span(begin, 4 * (end - begin)); });
+  if (n % 4) span(blocks, n % 4);
+}
+
 // A span of dropout_mask_mul. In place (`kInPlace`), `out` holds the input and `x` is never read: it is the same
 // buffer, and the pointers are restrict so that the loop vectorises without run-time overlap checks.
 template <bool kInPlace>
@@ -100,20 +109,16 @@ at::Tensor& mask_mul_into(const at::Tensor& x, at::Tensor& out, int64_t seed, in
   TORCH_CHECK(drop > 0 && drop < 65536, "drop must lie in (0, 65536), got ", drop);
   const float* px = x.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  const int64_t n = x.numel();
-  const int64_t blocks = n / 4;
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint32_t udrop = static_cast<uint32_t>(drop);
   const float fscale = static_cast<float>(scale);
-  auto span = [&](int64_t first_block, int64_t count) {
+  for_spans(x.numel(), [&](int64_t first_block, int64_t count) {
     if (px == po) {
       mask_mul_span<true>(nullptr, po + 4 * first_block, count, first_block, useed, udrop, fscale);
     } else {
       mask_mul_span<false>(px + 4 * first_block, po + 4 * first_block, count, first_block, useed, udrop, fscale);
     }
-  };
-  at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) { span(begin, 4 * (end - begin)); });
-  if (n % 4) span(blocks, n % 4);  // the partial last block, with the same draws as if it were whole
+  });
   return out;
 }
 
@@ -194,16 +199,10 @@ void gelu_span(const float* __restrict in, const float* __restrict grad, float* 
 
 template <bool kBackward, bool kDrop>
 void gelu_all(const float* in, const float* grad, float* out, int64_t n, uint64_t seed, uint32_t drop, float scale) {
-  const int64_t blocks = n / 4;
-  at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) {
-    const int64_t i = 4 * begin;
-    gelu_span<kBackward, kDrop>(in + i, kBackward ? grad + i : nullptr, out + i, 4 * (end - begin), begin, seed, drop,
-                                scale);
+  for_spans(n, [&](int64_t first_block, int64_t count) {
+    const int64_t i = 4 * first_block;
+    gelu_span<kBackward, kDrop>(in + i, kBackward ? grad + i : nullptr, out + i, count, first_block, seed, drop, scale);
   });
-  const int64_t i = 4 * blocks;  // the partial last block (its draws as if it were whole)
-  if (n > i) {
-    gelu_span<kBackward, kDrop>(in + i, kBackward ? grad + i : nullptr, out + i, n - i, blocks, seed, drop, scale);
-  }
 }
 
 template <bool kBackward>
