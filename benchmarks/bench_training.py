@@ -36,7 +36,7 @@ from bench_utils import (  # noqa: E402
 )
 
 from mage_hf import MageForMaskedImageModeling  # noqa: E402
-from mage_hf.training_utils import clip_grad_norm_, param_groups_weight_decay  # noqa: E402
+from mage_hf.training_utils import clip_grad_norm_, keep_freed_memory, param_groups_weight_decay  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,6 +52,9 @@ def parse_args(argv=None):
                         help="torch.optim.AdamW implementations to time our steps with (train_mage.py uses fused, "
                         "the original the default)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="malloc keeps freed memory for the next steps, as train_mage.py sets it "
+                        "(--no-keep-freed-memory: glibc's default, which unmaps large blocks when they are freed)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, to check that the script works")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="also write the report to this file")
@@ -60,7 +63,8 @@ def parse_args(argv=None):
 
 class Trainer:
     """Our pre-training step, as `training/train_mage.py` takes it (fp32, no accumulation): from pixels, the frozen
-    tokenizer runs first (channels-last, as there), then the forward pass on the ids."""
+    tokenizer runs first (channels-last, as there), then the forward pass on the ids. (`main` also sets malloc up as
+    that script does.)"""
 
     def __init__(self, model: MageForMaskedImageModeling, optimizer_impl: str, seed: int):
         self.model = model.train()
@@ -107,6 +111,9 @@ def our_flops(trainer: Trainer, images: torch.Tensor, ids: torch.Tensor) -> dict
 
 
 def main(args) -> str:
+    # Before anything is allocated, as train_mage.py does. Process-wide: the original's worker is another process and
+    # keeps glibc's default.
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     threads = set_threads(args.threads)
     set_timer(args.timer)
     load_start = load_average()
@@ -176,7 +183,8 @@ def main(args) -> str:
     lines = [
         f"MAGE training-step benchmark: {'tiny config' if args.tiny else 'ViT-B shape'}, random weights, batch "
         f"{args.batch_size}, float32, AdamW, clip 3.0"
-        + (", gradient checkpointing" if args.gradient_checkpointing else "") + f", best of {args.repeats}",
+        + (", gradient checkpointing" if args.gradient_checkpointing else "") + f", best of {args.repeats}; ours "
+        + ("keeps freed memory (keep_freed_memory, as train_mage.py)" if kept else "with glibc's default malloc"),
         machine_header(peaks, threads) + f"; load average {load_start} (start), {load_average()} (end)",
         f"FLOPs per image (counted): forward+backward {train_flops / 1e9:.1f} G (mask ratio 0.55), VQ encode "
         f"{encode_flops / 1e9:.1f} G (mage-hf executes {flops['executed_encode'] / 1e9:.1f} G)"

@@ -45,6 +45,7 @@ from mage_hf.training_utils import (
     center_crop_resize,
     cosine_lr_with_warmup,
     end_training,
+    keep_freed_memory,
     keyed_generator,
     load_image_dataset,
     resolve_checkpoint,
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opt.add_argument("--adam_beta2", type=float, default=0.999)
     opt.add_argument("--fused_adam", action=argparse.BooleanOptionalAction, default=True,
                     help="torch's fused AdamW kernel: one pass per parameter (--no-fused_adam: the default loop).")
+    opt.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="Keep the memory malloc frees for the next steps instead of faulting it in again every step "
+                    "(glibc only; see mage_hf.training_utils.keep_freed_memory).")
     opt.add_argument("--layer_decay", type=float, default=0.65, help="Layer-wise lr decay (finetune).")
     opt.add_argument("--label_smoothing", type=float, help="Defaults: 0 (probe), 0.1 (finetune).")
     opt.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (finetune; MAGE: 0.8).")
@@ -280,6 +284,8 @@ def lars_reach(lr: float, steps: int, momentum: float, trust_coefficient: float)
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.keep_freed_memory:
+        keep_freed_memory()
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,

@@ -35,6 +35,7 @@ from mage_hf.training_utils import (
     end_training,
     image_grid,
     info_nce_loss,
+    keep_freed_memory,
     keyed_generator,
     load_image_dataset,
     masked_reconstruction_grid,
@@ -100,6 +101,9 @@ def parse_args(argv=None):
     g.add_argument("--adam_beta2", type=float, default=0.95)
     g.add_argument("--fused_adam", action=argparse.BooleanOptionalAction, default=True,
                     help="torch's fused AdamW kernel: one pass per parameter (--no-fused_adam: the default loop).")
+    g.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="Keep the memory malloc frees for the next steps instead of faulting it in again every step "
+                    "(glibc only; see mage_hf.training_utils.keep_freed_memory).")
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--max_grad_norm", type=float, default=3.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
@@ -260,6 +264,8 @@ def validate(accelerator, model, images, labels, step, args):
 
 
 def main(args):
+    if args.keep_freed_memory:
+        keep_freed_memory()
     project = ProjectConfiguration(args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,

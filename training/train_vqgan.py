@@ -37,6 +37,7 @@ from mage_hf.training_utils import (
     cosine_lr_with_warmup,
     end_training,
     image_grid,
+    keep_freed_memory,
     keyed_generator,
     load_image_dataset,
     resolve_checkpoint,
@@ -138,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     opt.add_argument("--lr_warmup_steps", type=int, default=0)
     opt.add_argument("--max_grad_norm", type=float, default=1.0)
+    opt.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="Keep the memory malloc frees for the next steps instead of faulting it in again every step "
+                    "(glibc only; see mage_hf.training_utils.keep_freed_memory).")
     run = p.add_argument_group("run")
     run.add_argument("--output_dir", required=True)
     run.add_argument("--seed", type=int, default=0)
@@ -219,6 +223,8 @@ def log_reconstructions(accelerator, model, val_pixels, args, step) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.keep_freed_memory:
+        keep_freed_memory()
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,

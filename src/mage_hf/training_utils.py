@@ -35,6 +35,7 @@ __all__ = [
     "gather_with_grad",
     "image_grid",
     "info_nce_loss",
+    "keep_freed_memory",
     "keyed_generator",
     "keyed_seed",
     "load_image_dataset",
@@ -347,6 +348,34 @@ def clip_grad_norm_(parameters, max_norm: float, accelerator=None) -> torch.Tens
     if total_norm + 1e-6 > max_norm:  # torch's factor max_norm / (norm + 1e-6) is below 1 (a host value: no sync)
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
     return total_norm
+
+
+def keep_freed_memory() -> bool:
+    """Have this process's C allocator keep the memory it frees, for its next allocations, instead of handing it back
+    to the operating system. The training scripts call this at start-up (`--no-keep_freed_memory` turns it off).
+
+    By default glibc's malloc serves each block above a threshold (128 KiB, rising up to 32 MiB as such blocks are
+    freed) with a fresh `mmap`, unmaps it when it is freed, and trims the top of its heap. On the CPU, a training step
+    allocates and frees its activations and gradients (and, from pixels, the tokenizer's activations), so every step
+    takes that memory from the kernel again, one zeroed page fault per 4 KiB. A ViT-B pre-training step at batch 4
+    faulted 70-80 thousand pages from token ids and ~200 thousand from pixels, 10% of the step on the benchmarks' VM,
+    where a fault is expensive. With this, the same step faults no pages, and its peak resident memory is unchanged
+    (4.1 GB).
+
+    What changes: the process keeps the memory of its largest step until it exits, and blocks of every size come from
+    malloc's heap (`M_MMAP_MAX` 0, `M_TRIM_THRESHOLD` 2 GiB). GPU memory is not affected (torch caches it anyway).
+    Only with glibc (Linux); elsewhere nothing changes. Returns whether the setting was applied."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own libc
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def cosine_lr_with_warmup(
