@@ -205,9 +205,10 @@ if sys.argv[1] == "keep":
 def step():
     blocks = [torch.ones(10 * 1024 * 1024) for _ in range(2)]
     return sum(float(b[-1]) for b in blocks)
-step(), step()  # the heap reaches its steady layout
+for _ in range(4):  # the heap reaches its steady layout within a few steps (2-3 here)
+    step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(6):
     step()
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -220,11 +221,11 @@ def test_keep_freed_memory_lets_later_steps_reuse_the_pages_of_earlier_ones():
         applied, count = out.stdout.split()
         return applied == "True", int(count)
 
-    pages = 3 * 80 * 1024 * 1024 // 4096  # written by the three timed steps
+    pages = 6 * 80 * 1024 * 1024 // 4096  # written by the six timed steps
     applied, default = faults("default")
     assert not applied and default > pages // 2  # glibc maps each block afresh and unmaps it when freed
     applied, kept = faults("keep")
-    assert applied and kept < pages // 50  # the pages of the earlier steps are reused
+    assert applied and kept < pages // 10  # the pages of the earlier steps are reused (0 faults seen)
 
 
 def test_sharded_batch_sampler_shards_and_resumes():
