@@ -358,9 +358,9 @@ def keep_freed_memory() -> bool:
     freed) with a fresh `mmap`, unmaps it when it is freed, and trims the top of its heap. On the CPU, a training step
     allocates and frees its activations and gradients (and, from pixels, the tokenizer's activations), so every step
     takes that memory from the kernel again, one zeroed page fault per 4 KiB. A ViT-B pre-training step at batch 4
-    faulted 70-80 thousand pages from token ids and ~200 thousand from pixels, 10% of the step on the benchmarks' VM,
-    where a fault is expensive. With this, the same step faults no pages, and its peak resident memory is unchanged
-    (4.1 GB).
+    faulted 70-80 thousand pages from token ids and ~200 thousand from pixels, 10-18% of the step on the benchmarks'
+    VM, where a fault is expensive. With this, the same step faults 0-5 thousand, and its peak resident memory is
+    unchanged (4.1 GB).
 
     What changes: the process keeps the memory of its largest step until it exits, and blocks of every size come from
     malloc's heap (`M_MMAP_MAX` 0, `M_TRIM_THRESHOLD` 2 GiB). GPU memory is not affected (torch caches it anyway).
