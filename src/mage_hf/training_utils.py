@@ -358,7 +358,7 @@ def keep_freed_memory() -> bool:
     freed) with a fresh `mmap`, unmaps it when it is freed, and trims the top of its heap. On the CPU, a training step
     allocates and frees its activations and gradients (and, from pixels, the tokenizer's activations), so every step
     takes that memory from the kernel again, one zeroed page fault per 4 KiB. A ViT-B pre-training step at batch 4
-    faulted 70-80 thousand pages from token ids and ~200 thousand from pixels, 10-18% of the step on the benchmarks'
+    faulted 70-80 thousand pages from token ids and ~200 thousand from pixels, 7-18% of the step on the benchmarks'
     VM, where a fault is expensive. With this, the same step faults 0-5 thousand, and its peak resident memory is
     unchanged (4.1 GB).
 
