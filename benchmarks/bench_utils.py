@@ -203,8 +203,15 @@ def machine_header(peaks: list[float], threads: int) -> str:
     spread = f"; {len(peaks)} measurements during the run, lowest {min(peaks):.1f}" if len(peaks) > 1 else ""
     return (
         f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, {_timer['name']} time; measured fp32 "
-        f"sgemm peak {max(peaks):.1f} GFLOP/s (2048^2, best of 5{spread})"
+        f"sgemm peak {max(peaks):.1f} GFLOP/s (2048^2, best of 5{spread})" + _malloc_environment()
     )
+
+
+def _malloc_environment() -> str:
+    """glibc's malloc tunables set in the environment, which the original's worker process inherits: they change
+    its speed (see training item 12 in the README), so a report says when a run had them."""
+    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+    return f"; malloc environment of every process: {' '.join(settings)}" if settings else ""
 
 
 @dataclass

@@ -3,6 +3,7 @@ checked here: they take minutes on the real shapes and are reported by the scrip
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -77,9 +78,19 @@ def test_flops_split_into_attention_and_matmuls():
     assert sum(kinds.values()) == total
 
 
-def test_machine_header_takes_the_highest_peak():
+def test_machine_header_takes_the_highest_peak(monkeypatch):
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
     header = machine_header([310.0, 352.5, 298.25], threads=2)
     assert "peak 352.5 GFLOP/s" in header and "3 measurements" in header and "lowest 298.2" in header
+    assert "malloc" not in header
+
+
+def test_machine_header_names_the_malloc_settings_the_original_inherits(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2147483647")
+    header = machine_header([300.0], threads=2)
+    assert header.endswith("malloc environment of every process: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647")
 
 
 def test_table_reports_speed_up_and_fraction_of_peak():
