@@ -207,10 +207,15 @@ def machine_header(peaks: list[float], threads: int) -> str:
     )
 
 
+def is_malloc_variable(name: str) -> bool:
+    """Whether the environment variable `name` tunes glibc's malloc (`MALLOC_*`, or `GLIBC_TUNABLES`)."""
+    return name.startswith("MALLOC_") or name == "GLIBC_TUNABLES"
+
+
 def _malloc_environment() -> str:
     """glibc's malloc tunables set in the environment, which the original's worker process inherits: they change
     its speed (see training item 12 in the README), so a report says when a run had them."""
-    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if is_malloc_variable(k))
     return f"; malloc environment of every process: {' '.join(settings)}" if settings else ""
 
 
