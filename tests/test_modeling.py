@@ -215,14 +215,15 @@ def test_masked_logits_only_training_gives_the_same_loss_and_gradients(checkpoin
 
 def test_overfits_a_fixed_batch(images):
     """With a fixed image and mask the model can memorise the masked ids: the loss must fall well below the ~ln(16)
-    of a uniform guess. (Learning is slowish: the MLM scores against the detached, small-norm token embeddings.)"""
+    of a uniform guess. (Learning is slowish: the MLM scores against the detached, small-norm token embeddings, and
+    the random tokenizer, with its codebook initialised as taming's, spreads the targets over all 16 codes.)"""
     torch.manual_seed(0)
     model = MageForMaskedImageModeling(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
     ids = model.mage.tokenize(images[:1])
     noise = torch.rand(1, 256, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(80):
+    for _ in range(150):
         loss = model(input_ids=ids, noise=noise, mask_ratio=0.6).loss
         opt.zero_grad()
         loss.backward()
@@ -233,12 +234,18 @@ def test_overfits_a_fixed_batch(images):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(images):
-    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    """With dropout on: the recomputed forward pass must draw the same masks (the RNG state is restored for it)."""
+    config = tiny_config()
+    assert config.hidden_dropout_prob > 0 and config.attention_probs_dropout_prob > 0
     plain = MageForMaskedImageModeling(config).train()
     checkpointed = MageForMaskedImageModeling(config).train()
     checkpointed.load_state_dict(plain.state_dict())
     checkpointed.activation_checkpointing_enable()
+    layers = [*checkpointed.mage.encoder.layers, *checkpointed.decoder.transformer.layers]
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in plain.modules())
     for model in (plain, checkpointed):
+        torch.manual_seed(123)  # the dropout masks
         model(pixel_values=images, noise=torch.linspace(0, 1, 512).view(2, 256), mask_ratio=0.6).loss.backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         if a.grad is not None:
@@ -446,3 +453,93 @@ def test_half_precision_forward(images, dtype):
     assert half.logits.dtype == dtype and half.loss.dtype == torch.float32
     assert (half.logits.float() - reference.logits).abs().max() < 0.1
     assert abs(half.loss.item() - reference.loss.item()) < 0.05
+
+
+def test_codebook_is_initialised_as_documented():
+    """taming's uniform +-1/K, in the tokenizer alone and inside MAGE (transformers initialises module by module)."""
+    torch.manual_seed(0)
+    for codebook in (
+        MageVQModel(tiny_config().vq_config).quantize.embedding.weight.detach(),
+        MageModel(tiny_config()).vq_model.quantize.embedding.weight.detach(),
+    ):
+        bound = 1.0 / codebook.shape[0]
+        assert float(codebook.abs().max()) <= bound and float(codebook.abs().max()) > 0.8 * bound
+    # MAGE's own token embeddings keep N(0, 0.02).
+    words = MageModel(tiny_config()).embeddings.word_embeddings.weight
+    assert abs(float(words.std()) - 0.02) < 0.002
+
+
+def test_forward_hooks_see_the_values_modules_returned(images):
+    """Inference writes some sums and activations in place; never into an output a forward hook may have kept."""
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = model.mage.tokenize(images)
+    layer = model.mage.encoder.layers[0]
+    vq_block = model.mage.vq_model.decoder.up[1].block[0]
+    modules = {"attn": layer.attn, "proj": layer.attn.proj, "mlp": layer.mlp, "fc1": layer.mlp.fc1,
+               "fc2": layer.mlp.fc2, "norm": model.mage.embeddings.layer_norm, "vq_block": vq_block,
+               "vq_conv": vq_block.conv1}
+    seen = {}
+
+    def recorder(name):
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, tuple) else output
+            seen[name] = (args, value, value.clone())
+        return hook
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
+    with torch.no_grad():
+        model(input_ids=ids, token_mask=torch.rand(2, 256, generator=torch.Generator().manual_seed(1)) < 0.5)
+        model.mage.vq_model.decode(ids.view(2, 16, 16))
+    for handle in handles:
+        handle.remove()
+    for name, (_, value, copy) in seen.items():
+        assert torch.equal(value, copy), f"{name}'s output was overwritten after its hook ran"
+    with torch.no_grad():  # and what they saw is what the module computes
+        args, value, _ = seen["fc1"]
+        assert torch.equal(layer.mlp.fc1(*args), value)
+
+
+def test_autocast_keeps_attention_scores_in_float32_and_skips_the_float32_kernels(images):
+    config = tiny_config()
+    config._attn_implementation = "eager"
+    model = MageForMaskedImageModeling(config).eval()
+    ids = model.mage.tokenize(images)
+    ids[:, ::3] = config.mask_token_id
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, output_attentions=True)
+        masked = model.masked_logits(ids)
+    assert all(a.dtype == torch.float32 for a in out.encoder_attentions)  # the original disables autocast there
+    # Under autocast the packed float32 kernels step aside, so both paths compute in the autocast dtype.
+    assert out.logits.dtype == masked.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_dtype_of_ids(images, dtype):
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = model.mage.tokenize(images)
+    noise = torch.rand(2, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids, noise=noise, mask_ratio=0.6)
+        got = model(input_ids=ids.to(dtype), noise=noise, mask_ratio=0.6)
+        assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
+        assert torch.equal(model.mage(input_ids=ids.to(dtype)).last_hidden_state, model.mage(input_ids=ids).last_hidden_state)
+    with pytest.raises(ValueError, match="codebook ids"):
+        model(input_ids=torch.full((1, 256), 200, dtype=torch.uint8))  # 200 is no id of a 16-code model
+
+
+def test_bad_token_mask_shape_and_unknown_arguments_are_refused(images):
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    ids = model.mage.tokenize(images)
+    for shape in [(2, 1), (256,), (1, 256)]:
+        with pytest.raises(ValueError, match="token_mask must have shape"):
+            model(input_ids=ids, token_mask=torch.ones(shape, dtype=torch.bool))
+    with pytest.raises(TypeError, match="token_mask"):
+        model.mage(input_ids=ids, token_mask=torch.ones_like(ids, dtype=torch.bool))
+    with pytest.raises(TypeError, match="labelz"):
+        model(input_ids=ids, labelz=ids)
+    classifier = MageForImageClassification(tiny_config(num_labels=3)).eval()
+    with pytest.raises(TypeError, match="lables"):
+        classifier(input_ids=ids, lables=torch.tensor([0, 1]))
+    # What generic callers pass to every MAGE model is still accepted.
+    model.mage(input_ids=ids, generator=torch.Generator())
+    classifier(input_ids=ids, class_labels=torch.tensor([0, 1]))

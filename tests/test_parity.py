@@ -8,9 +8,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mage_hf import MageForImageClassification, MageForMaskedImageModeling, MageModel, MageVQModel
+from mage_hf import MageForImageClassification, MageForMaskedImageModeling, MageModel, MageVQModel, cpu_kernels
 
-ATTENTION = ["sdpa", "eager"]
+# "sdpa" on the CPU runs the native attention kernel of `cpu_kernels`; "sdpa-torch" is the same implementation with
+# those kernels off, so that torch's own SDPA is checked against the golden data too.
+ATTENTION = ["sdpa", "eager", "sdpa-torch"]
+
+
+def impl(attn: str) -> str:
+    return "sdpa" if attn == "sdpa-torch" else attn
+
+
+@pytest.fixture(autouse=True)
+def _kernels(request):
+    callspec = getattr(request.node, "callspec", None)
+    with cpu_kernels.use_packed_kernels(callspec is None or callspec.params.get("attn") != "sdpa-torch"):
+        yield
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,8 +50,8 @@ def test_vq_tokens_and_decode(converted, golden_reference, source):
 @pytest.mark.parametrize("attn", ATTENTION)
 def test_masked_token_logits_and_loss(converted, golden_reference, attn):
     ref = golden_reference
-    model = MageForMaskedImageModeling.from_pretrained(converted["pretrain"], attn_implementation=attn).eval()
-    assert model.config._attn_implementation == attn
+    model = MageForMaskedImageModeling.from_pretrained(converted["pretrain"], attn_implementation=impl(attn)).eval()
+    assert model.config._attn_implementation == impl(attn)
     K = model.config.codebook_size
     with torch.no_grad():
         out = model(
@@ -57,7 +70,7 @@ def test_masked_token_logits_and_loss(converted, golden_reference, attn):
 def test_masked_token_loss_from_pixels(converted, golden_reference, attn):
     """The training path: images in, tokenized inside, the recorded mask pattern, the recorded loss out."""
     ref = golden_reference
-    model = MageForMaskedImageModeling.from_pretrained(converted["pretrain"], attn_implementation=attn).eval()
+    model = MageForMaskedImageModeling.from_pretrained(converted["pretrain"], attn_implementation=impl(attn)).eval()
     with torch.no_grad():
         out = model(
             pixel_values=ref["image"],
@@ -71,7 +84,7 @@ def test_masked_token_loss_from_pixels(converted, golden_reference, attn):
 @pytest.mark.parametrize("attn", ATTENTION)
 def test_encoder_hidden_states(converted, golden_reference, attn):
     ref = golden_reference
-    model = MageModel.from_pretrained(converted["pretrain"], attn_implementation=attn).eval()
+    model = MageModel.from_pretrained(converted["pretrain"], attn_implementation=impl(attn)).eval()
     with torch.no_grad():
         from_pixels = model(pixel_values=ref["image"]).last_hidden_state
         from_ids = model(input_ids=ref["vq_token_ids"]).last_hidden_state
@@ -82,7 +95,7 @@ def test_encoder_hidden_states(converted, golden_reference, attn):
 @pytest.mark.parametrize("attn", ATTENTION)
 def test_finetuned_classifier(converted, golden_reference, attn):
     ref = golden_reference
-    model = MageForImageClassification.from_pretrained(converted["finetune"], attn_implementation=attn).eval()
+    model = MageForImageClassification.from_pretrained(converted["finetune"], attn_implementation=impl(attn)).eval()
     with torch.no_grad():
         out = model(pixel_values=ref["image"], output_hidden_states=True)
         pooled = model.mage(pixel_values=ref["image"]).pooler_output

@@ -19,8 +19,10 @@ for float32 CPU tensors when no autograd graph is being recorded, for plain `nn.
 hooks, outside `torch.compile`/TorchScript tracing, and when this torch build has the kernels; every other case
 (training, CUDA, half precision, wrapped or hooked modules) runs the ordinary module. A packed copy costs as much
 memory as the weight it packs. It is dropped with its module and rebuilt when the input shape or the weight changes
-(another tensor, storage or version, or different values at 4 sampled positions, which catches writes through
-`.data`); `set_enabled(False)` turns the mechanism off (and the native kernels below) and frees the copies.
+(another tensor, storage or version, or different values at 4 sampled positions, which catches whole-tensor writes
+through `.data`, such as loading or averaging weights that way; a write through `.data` to part of a weight can miss
+them, so call `clear_cache()` after one); `set_enabled(False)` turns the mechanism off (and the native kernels
+below) and frees the copies.
 
 Native kernels (`csrc/cpu_ops.cpp`, compiled with the local C++ compiler on first use by `torch.utils.cpp_extension`,
 a few seconds, then cached under a name that includes the source, the torch version and the CPU's features; see
@@ -115,6 +117,7 @@ __all__ = [
     "is_enabled",
     "linear",
     "native_ops_available",
+    "outputs_private",
     "packed_linear",
     "set_enabled",
     "upsample_conv2d",
@@ -209,6 +212,15 @@ def _module_ok(module: nn.Module, kind: type) -> bool:
     return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
+def outputs_private(*modules: nn.Module) -> bool:
+    """Whether no forward hook can hold on to what `modules` return (none of them has one, and there is no global
+    one): only then may a later op overwrite their output in place. A hook that records an output (feature capture,
+    interpretability tools) must see the values the module returned."""
+    if nn.modules.module._global_forward_hooks:
+        return False
+    return not any(module._forward_hooks for module in modules)
+
+
 def _tensors_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if not _state["enabled"] or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
         return False
@@ -221,6 +233,8 @@ def _tensors_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
         return False  # the packed kernels have no backward
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast casts the plain ops' inputs; these kernels would compute in float32 regardless
     # Compilers pack weights themselves (and must not trace through the cache).
     return not _compiling()
 
@@ -253,7 +267,8 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
 def _packed(owner: nn.Module, tag: str, source: torch.Tensor, weight: torch.Tensor, key: tuple, pack) -> torch.Tensor:
     """The packed copy of `weight` (which is `source` or a view of it) for `owner`/`tag`, rebuilt unless `source` is
     the same tensor object, with the same storage, version, shape and a few sampled values (writes through `.data`
-    bypass the version counter; loading or averaging weights that way still changes the sampled values)."""
+    bypass the version counter; loading or averaging weights that way still changes the sampled values, a write to
+    part of the weight may not, see the module docstring)."""
     cache = _PACKED.setdefault(owner, {})
     entry = cache.get(tag)
     key = key + (source.data_ptr(), source._version)
@@ -537,7 +552,7 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, out: torch.Tensor | Non
             x, norm.weight.detach(), norm.bias.detach(), norm.num_groups, norm.eps, out
         )
     h = norm(x)
-    return F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))
+    return F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad) and outputs_private(norm))
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:

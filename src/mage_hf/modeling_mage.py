@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from . import cpu_kernels
 from .configuration_mage import MageConfig
-from .modeling_mage_vq import MageVQModel, MageVQQuantizer, init_vq_weights
+from .modeling_mage_vq import MageVQCodebook, MageVQModel, init_vq_weights
 
 __all__ = [
     "MageContrastiveHead",
@@ -114,7 +114,9 @@ class MageEmbeddings(nn.Module):
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         positions = self.position_embeddings.weight[: input_ids.shape[1]]  # (1+L, D)
         embeddings = self.layer_norm(self.word_embeddings(input_ids) + positions)  # (B, 1+L, D)
-        return cpu_kernels.dropout(embeddings, self.dropout, self.training, inplace=True)  # a fresh LayerNorm output
+        # In place into the fresh LayerNorm output, unless a hook holds it.
+        inplace = cpu_kernels.outputs_private(self.layer_norm)
+        return cpu_kernels.dropout(embeddings, self.dropout, self.training, inplace=inplace)
 
 
 class MageAttention(nn.Module):
@@ -158,15 +160,18 @@ class MageAttention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
             else:
                 # Scaling q (N x d) rather than the scores (N x N) is the same product, at a quarter of the cost.
-                scores = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # (B, H, N, N) in float32
-                weights = scores.softmax(dim=-1)
+                # Autocast would run the product in half precision again; the original disables it here too.
+                with torch.autocast(q.device.type, enabled=False):
+                    scores = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # (B, H, N, N) in float32
+                    weights = scores.softmax(dim=-1)
                 out = cpu_kernels.dropout(weights, dropout, self.training).to(v.dtype) @ v
             out = out.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, N, D)
         if rows is not None:
             out = out[rows]  # (M, D): the output projection only where it is needed
         # M changes from call to call, so that projection takes the plain op (see `cpu_kernels.packed_linear`).
         proj = cpu_kernels.linear(self.proj, out, pack=rows is None)
-        return cpu_kernels.dropout(proj, self.proj_dropout, self.training, inplace=True), weights
+        inplace = cpu_kernels.outputs_private(self.proj)
+        return cpu_kernels.dropout(proj, self.proj_dropout, self.training, inplace=inplace), weights
 
 
 class MageMLP(nn.Module):
@@ -182,23 +187,39 @@ class MageMLP(nn.Module):
         """`x` `(B, N, D)` or `(M, D)`; `pack`: see `cpu_kernels.packed_linear`."""
         hidden = cpu_kernels.linear(self.fc1, x, pack)  # (B, N, I)
         if self.exact_gelu:
-            # fc1's output is fresh: GELU may run in place in inference, and fuses with dropout in CPU training.
-            hidden = cpu_kernels.gelu_dropout(hidden, self.dropout, self.training, inplace=True)
+            # fc1's output is fresh (unless a hook holds it): GELU may run in place in inference, and fuses with
+            # dropout in CPU training.
+            inplace = cpu_kernels.outputs_private(self.fc1)
+            hidden = cpu_kernels.gelu_dropout(hidden, self.dropout, self.training, inplace=inplace)
         else:
             hidden = cpu_kernels.dropout(self.act(hidden), self.dropout, self.training)
         out = cpu_kernels.linear(self.fc2, hidden, pack)
-        return cpu_kernels.dropout(out, self.dropout, self.training, inplace=True)
+        return cpu_kernels.dropout(out, self.dropout, self.training, inplace=cpu_kernels.outputs_private(self.fc2))
+
+
+def _check_extra_kwargs(kwargs: dict, ignored: tuple[str, ...], model: str) -> None:
+    """A mistyped or unsupported argument must not be dropped silently; only `ignored` ones (what generic callers pass
+    to every MAGE model) are."""
+    unknown = sorted(set(kwargs) - set(ignored))
+    if unknown:
+        raise TypeError(f"{model}.forward() got unexpected keyword argument(s) {unknown}.")
 
 
 def _records_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """`x + branch`. Without autograd the sum is written into `branch` (a fresh block output): on the CPU a new
-    activation per add costs more than the add itself (fresh memory), and `branch + x` is bitwise `x + branch`. Not
-    when that would change the result's dtype (a bfloat16 branch under autocast, which the sum promotes)."""
-    if _records_grad(x) or _records_grad(branch) or branch.dtype != torch.result_type(x, branch):
+def _residual(x: torch.Tensor, branch: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
+    """`x + branch`. Without autograd the sum is written into `branch` (a fresh output of `producers`): on the CPU a
+    new activation per add costs more than the add itself (fresh memory), and `branch + x` is bitwise `x + branch`.
+    Not when that would change the result's dtype (a bfloat16 branch under autocast, which the sum promotes), nor
+    when a forward hook on a producer may hold `branch`."""
+    if (
+        _records_grad(x)
+        or _records_grad(branch)
+        or branch.dtype != torch.result_type(x, branch)
+        or not cpu_kernels.outputs_private(*producers)
+    ):
         return x + branch
     return branch.add_(x)
 
@@ -221,8 +242,9 @@ class MageLayer(GradientCheckpointingLayer):
         attn_out, weights = self.attn(self.norm1(x), output_attentions=output_attentions, rows=rows)
         if rows is not None:
             x = x[rows]  # (M, D)
-        x = _residual(x, attn_out)
-        return _residual(x, self.mlp(self.norm2(x), pack=rows is None)), weights
+        # attn_out is the attention's output and, without dropout, its projection's; likewise for the MLP.
+        x = _residual(x, attn_out, self.attn, self.attn.proj)
+        return _residual(x, self.mlp(self.norm2(x), pack=rows is None), self.mlp, self.mlp.fc2), weights
 
 
 class MageTransformer(nn.Module):
@@ -299,8 +321,8 @@ class MagePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         # As the original: xavier-uniform linears with zero bias, N(0, 0.02) embeddings, unit norms.
-        if isinstance(module, (nn.Conv2d, nn.GroupNorm, MageVQQuantizer)):
-            init_vq_weights(module)  # the tokenizer's own scheme (the quantizer runs after its nn.Embedding)
+        if isinstance(module, (nn.Conv2d, nn.GroupNorm, MageVQCodebook)):
+            init_vq_weights(module)  # the tokenizer's own scheme
         elif isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -345,8 +367,9 @@ class MageModel(MagePreTrainedModel):
         token_ids = self.vq_model.encode(pixel_values, channels_last=channels_last).token_ids  # (B, h, w)
         return token_ids.flatten(1)  # (B, L)
 
-    def check_input_ids(self, input_ids: torch.Tensor, allow_mask: bool = True) -> None:
-        """Raise a clear error unless `input_ids` are `(B, L)` codebook ids (or the mask id)."""
+    def check_input_ids(self, input_ids: torch.Tensor, allow_mask: bool = True) -> torch.LongTensor:
+        """Raise a clear error unless `input_ids` are `(B, L)` codebook ids (or the mask id); return them as int64
+        (any integer dtype is accepted: embeddings and the loss take int64)."""
         num_tokens, codebook_size = self.config.num_image_tokens, self.config.codebook_size
         if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise TypeError("input_ids must be an integer torch.Tensor of codebook ids with shape (batch, tokens).")
@@ -355,6 +378,7 @@ class MageModel(MagePreTrainedModel):
                 f"input_ids must have shape (batch, {num_tokens}): one codebook id per image token, without the class "
                 f"position (the model prepends it). Got {tuple(input_ids.shape)}."
             )
+        input_ids = input_ids.long()  # before comparing: a uint8 tensor cannot hold the codebook size
         valid = (input_ids >= 0) & (input_ids < codebook_size)
         if allow_mask:
             valid |= input_ids == self.config.mask_token_id
@@ -365,6 +389,7 @@ class MageModel(MagePreTrainedModel):
                 f"input_ids must be codebook ids in {allowed}; got {bad.numel()} out-of-range values such as "
                 f"{int(bad[0])}. The codebook of this model has {codebook_size} entries."
             )
+        return input_ids
 
     def build_sequence(
         self, input_ids: torch.LongTensor, class_labels: torch.LongTensor | None = None
@@ -394,7 +419,7 @@ class MageModel(MagePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,  # e.g. a `generator` passed along by generic callers; the encoder draws nothing at random
+        **kwargs,  # a `generator` passed along by generic callers; the encoder draws nothing at random
     ) -> BaseModelOutputWithPooling | tuple:
         r"""
         Args:
@@ -415,6 +440,7 @@ class MageModel(MagePreTrainedModel):
             `pooler_output` of shape `(batch_size, hidden_size)` (see `config.use_mean_pooling`; `None` without a
             pooling layer); `hidden_states` and `attentions` when asked for.
         """
+        _check_extra_kwargs(kwargs, ("generator",), type(self).__name__)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -426,7 +452,7 @@ class MageModel(MagePreTrainedModel):
         if input_ids is None:
             input_ids = self.tokenize(pixel_values)
         else:
-            self.check_input_ids(input_ids)
+            input_ids = self.check_input_ids(input_ids)
         sequence = self.build_sequence(input_ids, class_labels)
         x = self.embeddings(sequence)  # (B, 1+L, D)
         if token_drop_mask is not None:
@@ -581,7 +607,6 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> MageMaskedImageModelingOutput | tuple:
         r"""
         Two uses:
@@ -631,9 +656,11 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             input_ids = self.mage.tokenize(pixel_values)
         elif input_ids is None:
             raise ValueError("Pass `pixel_values` (images in [0, 1]) or `input_ids` (codebook ids).")
-        self.mage.check_input_ids(input_ids)
+        input_ids = self.mage.check_input_ids(input_ids)
         device = input_ids.device
 
+        if token_mask is not None and token_mask.shape != input_ids.shape:  # checked before it can broadcast
+            raise ValueError(f"token_mask must have shape {tuple(input_ids.shape)}, got {tuple(token_mask.shape)}.")
         has_mask_ids = bool((input_ids == config.mask_token_id).any())
         if labels is None and not has_mask_ids:
             labels = input_ids  # every id is known, so the masked ones are the targets
@@ -655,8 +682,6 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
         else:
             is_mask_id = input_ids == config.mask_token_id
             token_mask = is_mask_id if token_mask is None else (token_mask.bool() | is_mask_id)
-        if token_mask.shape != input_ids.shape:
-            raise ValueError(f"token_mask must have shape {tuple(input_ids.shape)}, got {tuple(token_mask.shape)}.")
         if token_drop_mask is not None:
             token_drop_mask = token_drop_mask.bool()
             if token_drop_mask.shape != input_ids.shape or bool((token_drop_mask & ~token_mask).any()):
@@ -679,7 +704,7 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             present = torch.cat([token_drop_mask.new_ones(token_drop_mask.shape[0], 1), ~token_drop_mask], dim=1)
         word_embeddings = self.mage.embeddings.word_embeddings.weight
         if labels is not None:
-            self.mage.check_input_ids(labels, allow_mask=False)
+            labels = self.mage.check_input_ids(labels, allow_mask=False)
         loss = None
         if masked_logits_only:
             # The loss weighs unmasked positions by zero, so their logits (and the last decoder block's rows there,
@@ -736,7 +761,7 @@ class MageForMaskedImageModeling(MagePreTrainedModel):
             `torch.FloatTensor` of shape `(batch_size, L, codebook_size)`: the logits at masked positions, zero at
             the others.
         """
-        self.mage.check_input_ids(input_ids)
+        input_ids = self.mage.check_input_ids(input_ids)
         sequence = self.mage.build_sequence(input_ids, class_labels)  # (B, 1+L)
         if sequence.shape[0] > 1:
             unique, inverse = torch.unique(sequence, dim=0, return_inverse=True)
@@ -788,7 +813,7 @@ class MageForImageClassification(MagePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,  # e.g. `class_labels` from generic callers: the classifier is unconditional and ignores them
+        **kwargs,  # `class_labels` or a `generator` from generic callers: the classifier is unconditional
     ) -> ImageClassifierOutput | tuple:
         r"""
         Args:
@@ -802,6 +827,7 @@ class MageForImageClassification(MagePreTrainedModel):
         Returns:
             [`~transformers.modeling_outputs.ImageClassifierOutput`] with `logits` of shape `(batch_size, num_labels)`.
         """
+        _check_extra_kwargs(kwargs, ("class_labels", "generator"), type(self).__name__)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.mage(
             pixel_values=pixel_values,

@@ -73,19 +73,25 @@ class MageVQResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, scratch: list | None = None) -> torch.Tensor:
         """`scratch`: a list of spare activations (possibly empty) that the block may overwrite; the block leaves its
         own there for the next block. On the CPU every new activation is tens of MB of first-touched memory at
-        256x256, which costs more than the pass that fills it; with the spares, a block makes none."""
-        spares = scratch if scratch is not None else []
+        256x256, which costs more than the pass that fills it; with the spares, a block makes none. With `scratch`
+        `None` (what the encoder and decoder pass when a forward hook may hold an activation) the block overwrites
+        nothing it did not make in this call and that a hook could have seen."""
+        reuse = scratch is not None
+        spares = scratch if reuse else []
         a = cpu_kernels.group_norm_silu(self.norm1, x, out=_take(spares, x.shape))
         h = cpu_kernels.conv2d(self.conv1, a, out=_take(spares, (x.shape[0], self.conv1.out_channels, *x.shape[2:])))
-        h = cpu_kernels.group_norm_silu(self.norm2, h, out=h)  # in place where possible: h is the block's own
+        h = cpu_kernels.group_norm_silu(self.norm2, h, out=h if reuse else None)  # in place: h is the block's own
         # The sums are formed in place, in fresh convolution outputs (no convolution saves its output for backward,
         # so this is autograd-safe) or, in CPU inference, in the block's input by the convolution itself: at 256x256
         # every new activation is tens of MB of first-touched memory. So without autograd this block consumes `x`.
         if self.nin_shortcut is not None:
             out = cpu_kernels.conv2d(self.conv2, h)
-            out = cpu_kernels.conv2d(self.nin_shortcut, out).add_(out)
-        else:
+            shortcut = cpu_kernels.conv2d(self.nin_shortcut, out)
+            out = shortcut.add_(out) if reuse else shortcut + out
+        elif reuse:
             out = cpu_kernels.conv2d_add_(self.conv2, h, x)
+        else:
+            out = cpu_kernels.conv2d(self.conv2, h) + x
         if scratch is not None and not (torch.is_grad_enabled() and (a.requires_grad or h.requires_grad)):
             # a and h are read by conv1 and conv2 only, so they are free now (two at most are kept).
             scratch[:] = [t for t in (a, h) if t.data_ptr() not in (out.data_ptr(), x.data_ptr())][-2:]
@@ -154,14 +160,15 @@ class MageVQEncoder(nn.Module):
             return self._forward(cpu_kernels.conv2d(self.conv_in, _to_conv_layout(pixel_values)))
 
     def _forward(self, h: torch.Tensor) -> torch.Tensor:
-        scratch = []  # spare activations handed from block to block (see `MageVQResnetBlock.forward`)
+        # Spare activations handed from block to block (see `MageVQResnetBlock.forward`), unless a hook may hold one.
+        scratch = [] if cpu_kernels.outputs_private(*self.modules()) else None
         for i, level in enumerate(self.down):
             for block in level.block:
                 h = block(h, scratch)
             if i != len(self.down) - 1:
                 h = F.avg_pool2d(h, kernel_size=2, stride=2)
         h = self.mid["block_2"](self.mid["block_1"](h, scratch), scratch)
-        h = cpu_kernels.group_norm_silu(self.norm_out, h, out=h)
+        h = cpu_kernels.group_norm_silu(self.norm_out, h, out=h if scratch is not None else None)
         return cpu_kernels.conv2d(self.conv_out, h).contiguous()  # (B, embed_dim, h, w)
 
 
@@ -190,7 +197,8 @@ class MageVQDecoder(nn.Module):
 
     def forward(self, quantized: torch.Tensor) -> torch.Tensor:
         h = cpu_kernels.conv2d(self.conv_in, _to_conv_layout(quantized))
-        scratch = []  # spare activations handed from block to block (see `MageVQResnetBlock.forward`)
+        # Spare activations handed from block to block (see `MageVQResnetBlock.forward`), unless a hook may hold one.
+        scratch = [] if cpu_kernels.outputs_private(*self.modules()) else None
         h = self.mid["block_2"](self.mid["block_1"](h, scratch), scratch)
         for i in reversed(range(len(self.up))):
             level = self.up[i]
@@ -198,8 +206,14 @@ class MageVQDecoder(nn.Module):
                 h = block(h, scratch)
             if i != 0:
                 h = level.upsample(h)
-        h = cpu_kernels.group_norm_silu(self.norm_out, h, out=h)
+        h = cpu_kernels.group_norm_silu(self.norm_out, h, out=h if scratch is not None else None)
         return cpu_kernels.conv2d(self.conv_out, h).contiguous()  # (B, 3, H, W)
+
+
+class MageVQCodebook(nn.Embedding):
+    """The codebook: an `nn.Embedding` of its own type, so that weight initialisation can tell it from MAGE's token
+    embeddings (transformers initialises module by module, and the quantizer holding it has no parameter of its
+    own, so it is never visited)."""
 
 
 class MageVQQuantizer(nn.Module):
@@ -207,7 +221,7 @@ class MageVQQuantizer(nn.Module):
 
     def __init__(self, config: MageVQConfig):
         super().__init__()
-        self.embedding = nn.Embedding(config.num_embeddings, config.embed_dim)
+        self.embedding = MageVQCodebook(config.num_embeddings, config.embed_dim)
 
     def forward(self, latents: torch.Tensor) -> torch.LongTensor:
         batch_size, channels, height, width = latents.shape
@@ -232,9 +246,8 @@ def init_vq_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.GroupNorm):
         init.ones_(module.weight)
         init.zeros_(module.bias)
-    elif isinstance(module, MageVQQuantizer):
-        size = module.embedding.num_embeddings
-        init.uniform_(module.embedding.weight, -1.0 / size, 1.0 / size)
+    elif isinstance(module, MageVQCodebook):
+        init.uniform_(module.weight, -1.0 / module.num_embeddings, 1.0 / module.num_embeddings)
 
 
 class MageVQPreTrainedModel(PreTrainedModel):
