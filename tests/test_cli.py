@@ -112,3 +112,28 @@ def test_inpaint_command_errors(converted, photos, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
     assert "neither a pipeline" in capsys.readouterr().err
     assert main(["generate", "--model", model, "--num-images", "0"]) == 2
+    capsys.readouterr()
+    for box in ("300,300,400,400", "100,100,50,50"):  # outside the 300x300 square; reversed
+        assert main(["inpaint", "--model", model, "--image", str(photos[0]), "--box", box, "--output", str(tmp_path)]) == 2
+        assert "--box" in capsys.readouterr().err
+    for device, message in (("gpu", "not a device name"), ("cuda:7", "CUDA")):
+        assert main(["generate", "--model", model, "--device", device, "--output", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_inpaint_composites_transparency_onto_white(converted, tmp_path):
+    """A transparent background becomes white, as in the pipeline (and the emoji the demo model was trained on),
+    not the black that a plain RGB conversion reveals."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (256, 256), (0, 0, 0, 0))  # transparent black
+    rgba.paste((200, 30, 30, 255), (64, 64, 192, 192))
+    path = tmp_path / "sticker.png"
+    rgba.save(path)
+    out = tmp_path / "out"
+    assert main(["inpaint", "--model", str(converted["pretrain"]), "--image", str(path), "--box", "96,96,160,160",
+                 "--steps", "1", "--paste-back", "--output", str(out)]) == 0
+    result = np.asarray(Image.open(out / "inpaint_0000.png").convert("RGB")).astype(int)
+    assert (result[:32, :32] >= 250).all()  # pasted back from the white-composited input
+    assert abs(result[70, 70] - np.array([200, 30, 30])).max() <= 3

@@ -243,6 +243,48 @@ def test_bad_arguments(pipe):
         pipe(num_inference_steps=1, guidance_scale=0.5)
     with pytest.raises(ValueError, match="mask_token_id"):
         MageGenerationPipeline(model=pipe.model, scheduler=MageScheduler(mask_token_id=3))
+    for generator in (0, [0], [torch.Generator(), None]):
+        with pytest.raises(TypeError, match="torch.Generator"):
+            pipe(num_images=1 if generator == 0 else len(generator), num_inference_steps=1, generator=generator)
+    with pytest.raises(ValueError, match="choice_temperature"):
+        pipe(num_inference_steps=1, choice_temperature=-1.0)
+
+
+def test_interrupting_returns_the_current_guess(pipe):
+    """A callback that sets `_interrupt` (as in diffusers) ends the loop; the still-masked tokens take the last
+    step's draw, so the output decodes."""
+    calls = []
+
+    def stop(pipeline, step, timestep, kwargs):
+        calls.append(step)
+        pipeline._interrupt = True
+        return kwargs
+
+    ids = pipe(num_inference_steps=STEPS, generator=gens(0), output_type="latent", callback_on_step_end=stop).images
+    assert calls == [0]
+    assert not bool((ids == pipe.model.config.mask_token_id).any())
+    images = pipe(num_inference_steps=STEPS, generator=gens(0), output_type="np", callback_on_step_end=stop).images
+    assert images.shape == (1, 256, 256, 3)
+    # The next call starts afresh (the flag is reset) and runs every step: its image is not the first step's guess.
+    full = pipe(num_inference_steps=STEPS, generator=gens(0), output_type="latent").images
+    assert not pipe.interrupt and not torch.equal(ids, full)
+
+
+def test_model_cpu_offload_moves_the_model_through_its_hook(model):
+    """accelerate's offload hook fires on `forward`; the pipeline calls `masked_logits` and the tokenizer, so it must
+    run the hook itself (on a GPU machine that is what moves the model there)."""
+    pipe = MageGenerationPipeline(model=model, scheduler=MageScheduler.from_model_config(model.config))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        hook = model._hf_hook
+        calls = []
+        original = hook.pre_forward
+        hook.pre_forward = lambda module, *args, **kwargs: (calls.append(module), original(module, *args, **kwargs))[1]
+        pipe(num_inference_steps=2, generator=gens(0), output_type="latent")
+        assert calls and calls[0] is model
+    finally:
+        pipe.remove_all_hooks()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -291,6 +333,14 @@ def test_load_bare_model_folder(pipe, tmp_path):
     assert torch.equal(loaded(**kwargs, generator=gens(9)).images, pipe(**kwargs, generator=gens(9)).images)
     with pytest.raises(ValueError, match="neither a pipeline"):
         MageGenerationPipeline.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="bogus"):  # not dropped silently
+        MageGenerationPipeline.from_pretrained(tmp_path / "model", bogus=1)
+    loaded = MageGenerationPipeline.from_pretrained(tmp_path / "model", dtype=None, torch_dtype=torch.bfloat16)
+    assert loaded.model.dtype == torch.bfloat16
+    # A mistyped folder is reported as one, not as a malformed Hub repo id.
+    for name in (tmp_path / "no-such-folder", "./no-such-folder", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="No such folder"):
+            MageGenerationPipeline.from_pretrained(name)
 
 
 def test_load_by_repo_id_from_a_snapshot(pipe, tmp_path, monkeypatch):
@@ -385,6 +435,30 @@ def test_inpainting_errors(inpaint, photos):
         inpaint(photos[0], mask_image=torch.full((256, 256), 3.0))
     with pytest.raises(ValueError, match="strength"):
         inpaint(photos[0], strength=1.5)
+    with pytest.raises(ValueError, match="same size"):
+        inpaint(photos[:2], mask_image=[full, PIL.Image.new("L", (128, 128), 255)])
+
+
+def test_mask_arrays_in_every_common_layout(inpaint, photos):
+    """uint8 masks as 0/255 or 0/1 (numpy or torch), colour-last arrays as `np.asarray(Image.open(mask))` gives:
+    all mark the same cells as the PIL mask."""
+    mask = PIL.Image.new("L", (256, 256), 0)
+    mask.paste(255, (16, 32, 48, 64))
+    expected = inpaint(photos[0], mask_image=mask, num_inference_steps=1, generator=gens(0), output_type="latent")
+    grey = np.asarray(mask)  # (H, W) uint8 0/255
+    variants = {
+        "numpy 0/255": grey,
+        "numpy 0/1": (grey > 0).astype(np.uint8),
+        "torch uint8 0/255": torch.from_numpy(grey.copy()),
+        "torch uint8 0/1": torch.from_numpy((grey > 0).astype(np.uint8)),
+        "numpy (H, W, 3)": np.asarray(mask.convert("RGB")),
+        "numpy (H, W, 1)": grey[..., None],
+        "numpy (1, H, W, 3)": np.asarray(mask.convert("RGB"))[None],
+    }
+    for name, variant in variants.items():
+        out = inpaint(photos[0], mask_image=variant, num_inference_steps=1, generator=gens(0), output_type="latent")
+        assert torch.equal(out.token_mask, expected.token_mask), name
+        assert torch.equal(out.images, expected.images), name
 
 
 def test_variations_remask_a_fraction(inpaint, photos):
@@ -462,6 +536,9 @@ def test_class_labels_condition_generation(conditional_pipe):
         pipe(**kwargs, class_labels=[1, 2, 3])
     with pytest.raises(ValueError, match="needs class_labels"):
         pipe(**kwargs, guidance_scale=3.0)
+    for labels in (torch.tensor([2.7]), 2.5, True, [1, 2.0]):  # not truncated to a class id
+        with pytest.raises(TypeError, match="integer class ids"):
+            pipe(**kwargs, class_labels=labels)
 
 
 def test_class_names_map_to_ids_through_the_config(tmp_path):

@@ -279,7 +279,7 @@ def test_resumable_state_and_checkpoint_folders(tmp_path):
         resolve_checkpoint(str(tmp_path / "nope"), str(tmp_path))
 
 
-def test_bad_arguments_are_refused(work):
+def test_bad_arguments_are_refused(work, capsys):
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         from train_mage import parse_args
@@ -292,9 +292,20 @@ def test_bad_arguments_are_refused(work):
         (["--model_size", "tiny", "--vq_model", "v", "--streaming"], "--streaming needs --max_train_steps"),
         (["--model_size", "tiny", "--vq_model", "v", "--precompute_tokens", "--precompute_views", "1",
           "--contrastive_weight", "0.1"], "--precompute_views must be >= 2"),
+        # Values that would run to the end doing nothing, or fail deep inside the loop.
+        (["--model_size", "tiny", "--vq_model", "v", "--gradient_accumulation_steps", "0"],
+         "--gradient_accumulation_steps must be >= 1"),
+        (["--model_size", "tiny", "--vq_model", "v", "--train_batch_size", "0"], "--train_batch_size must be >= 1"),
+        (["--model_size", "tiny", "--vq_model", "v", "--checkpointing_steps", "0"], "--checkpointing_steps must be"),
+        (["--model_size", "tiny", "--vq_model", "v", "--num_validation_images", "0"], "--num_validation_images must"),
+        (["--model_size", "tiny", "--vq_model", "v", "--contrastive_weight", "-1"], "--contrastive_weight must be >= 0"),
+        (["--model_size", "tiny", "--vq_model", "v", "--precompute_tokens", "--precompute_views", "0"],
+         "--precompute_views must be >= 1"),
     ):
+        capsys.readouterr()
         with pytest.raises(SystemExit):
             parse_args(base + extra)
+        assert message in capsys.readouterr().err, extra
 
 
 # ------------------------------------------------------------------------------------- the script, end to end

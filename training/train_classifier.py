@@ -43,6 +43,7 @@ from mage_hf.training_utils import (
     ResumableState,
     ShardedBatchSampler,
     center_crop_resize,
+    check_ranges,
     cosine_lr_with_warmup,
     end_training,
     keep_freed_memory,
@@ -147,6 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.random_crop_scale = tuple(args.random_crop_scale or defaults["crop_scale"])
     if args.mode == "linear_probe" and (args.mixup > 0 or args.cutmix > 0):
         p.error("--mixup/--cutmix are for --mode finetune (MAGE's linear probe uses neither)")
+    check_ranges(p, args, {
+        "train_batch_size": 1, "eval_batch_size": 1, "num_train_epochs": 1, "max_train_steps": 1,
+        "logging_steps": 1, "checkpointing_steps": 1, "checkpoints_total_limit": 1, "learning_rate": 1e-12,
+        "base_learning_rate": 1e-12, "warmup_epochs": 0, "max_grad_norm": 0, "label_smoothing": 0,
+        "mixup": 0, "cutmix": 0, "max_train_samples": 1, "dataloader_num_workers": 0,
+    })
     return args
 
 
@@ -300,6 +307,8 @@ def main(args: argparse.Namespace) -> dict:
 
     train, val, image_column, label_column, names = load_data(args)
     model = build_model(args, names)
+    # Each rank its own dropout masks from here on (the model is built alike everywhere; DDP broadcasts it anyway).
+    set_seed(args.seed, device_specific=True)
     resolution = args.resolution or model.config.vq_config.resolution
     augment = RandomResizedCropFlip(resolution, scale=args.random_crop_scale, hflip=not args.no_hflip)
     train_set = LabelledImages(train, image_column, label_column, resolution, args.seed, augment)
@@ -361,8 +370,11 @@ def main(args: argparse.Namespace) -> dict:
     sampler = ShardedBatchSampler(
         len(train_set), args.train_batch_size, world, rank, args.seed, state.global_step, max_steps
     )
+    # A generator of its own: starting an iterator draws a base seed, which from the global RNG would shift every
+    # later draw (dropout) of a resumed run by one.
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, num_workers=args.dataloader_num_workers
+        train_set, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
     )
     use_mixup = args.mode == "finetune" and (args.mixup > 0 or args.cutmix > 0)
     logger.info(
@@ -419,6 +431,12 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(trainable)
     if args.mode == "linear_probe":
+        # DDP hands rank 0's BatchNorm statistics to every rank before each step and each rank then updates them
+        # with its own batch, so after the last step they differ: average them, so that every rank folds, evaluates
+        # and (rank 0) saves the same head.
+        norm = unwrapped.head.norm
+        for stats in (norm.running_mean, norm.running_var):
+            stats.copy_(accelerator.reduce(stats.detach().clone(), reduction="mean"))
         classifier = unwrapped.classifier
         classifier.classifier = unwrapped.head.folded()
     else:

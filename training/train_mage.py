@@ -30,6 +30,7 @@ from mage_hf.training_utils import (
     ShardedBatchSampler,
     center_crop_resize,
     check_hub_access,
+    check_ranges,
     clip_grad_norm_,
     cosine_lr_with_warmup,
     end_training,
@@ -136,7 +137,13 @@ def parse_args(argv=None):
         p.error("--pretrained_model already holds its tokenizer; drop --vq_model.")
     if args.streaming and (args.max_train_steps is None or args.precompute_tokens):
         p.error("--streaming needs --max_train_steps (the length is unknown) and cannot --precompute_tokens.")
-    if args.precompute_tokens and args.precompute_views < (2 if args.contrastive_weight else 1):
+    check_ranges(p, args, {
+        "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "num_train_epochs": 1e-9,
+        "checkpointing_steps": 1, "checkpoints_total_limit": 1, "validation_steps": 0, "num_validation_images": 1,
+        "precompute_views": 1, "contrastive_weight": 0, "contrastive_temperature": 1e-9, "learning_rate": 1e-12,
+        "blr": 1e-12, "max_train_samples": 1, "dataloader_num_workers": 0, "max_grad_norm": 0,
+    })
+    if args.precompute_tokens and args.contrastive_weight and args.precompute_views < 2:
         p.error("--precompute_views must be >= 2 with --contrastive_weight (two views per image).")
     if not 0 <= args.class_dropout_prob <= 1:
         p.error("--class_dropout_prob must be in [0, 1].")
@@ -288,12 +295,24 @@ def main(args):
     num_classes, class_names = 0, None
     if class_column is not None:
         feature = dataset.features[class_column]
+        if args.streaming and not hasattr(feature, "names"):
+            raise ValueError(f"With --streaming, --class_column {class_column!r} must be a ClassLabel column.")
+        values = [] if args.streaming else dataset[class_column]
+        wrong = next((v for v in values if not isinstance(v, int) or isinstance(v, bool)), None)
+        if wrong is not None:
+            raise ValueError(
+                f"--class_column {class_column!r} must hold class ids (integers from 0) or be a ClassLabel; it holds "
+                f"e.g. {wrong!r}. Cast it first (dataset.class_encode_column)."
+            )
+        if values and min(values) < 0:
+            raise ValueError(
+                f"--class_column {class_column!r} holds negative ids (such as -1 for unlabelled rows); filter those "
+                "rows out, or train without --class_column."
+            )
         if hasattr(feature, "names"):  # a ClassLabel
             num_classes, class_names = len(feature.names), list(feature.names)
-        elif args.streaming:
-            raise ValueError(f"With --streaming, --class_column {class_column!r} must be a ClassLabel column.")
         else:
-            num_classes = int(max(dataset[class_column])) + 1
+            num_classes = max(values) + 1
     model = build_model(args, num_classes)
     if class_names:  # saved with the model, so pipelines and the demo app can show and take class names
         model.config.id2label = dict(enumerate(class_names))
@@ -417,7 +436,7 @@ def main(args):
         logs.update(lr=step_lr, images_per_second=total_batch * num_views / (now - clock))
         if not args.streaming:
             logs["epoch"] = step * total_batch / len(dataset)
-        clock, sums = now, {}
+        sums = {}
         if args.debug_check_sync:
             logs.update(check_sync(accelerator, unwrapped, torch.cat(indices)))
         accelerator.log({k: v for k, v in logs.items() if isinstance(v, float)}, step=step)
@@ -431,6 +450,7 @@ def main(args):
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
                 validate(accelerator, unwrapped, val_images, val_labels, step, args)
         accelerator.wait_for_everyone()
+        clock = time.perf_counter()  # throughput counts training only, not the checkpoint or validation above
 
     # ---- final folder: model + image processor (+ model card, upload)
     accelerator.wait_for_everyone()

@@ -97,7 +97,7 @@ def _load_pipeline(args: argparse.Namespace, cls):
     if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
         raise ValueError("--num-images, --batch-size and --steps must be positive.")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     if device == "cpu" and dtype != torch.float32:
         print(f"note: {args.dtype} on the CPU is slow (often emulated); float32 is the CPU default.", file=sys.stderr)
     if args.model is None:
@@ -106,6 +106,23 @@ def _load_pipeline(args: argparse.Namespace, cls):
         args.model = default_model()
     pipe = cls.from_pretrained(args.model, dtype=dtype)
     return pipe.to(device)
+
+
+def _device(name: str | None) -> str:
+    """`--device`, checked before any model is loaded (default: cuda when available)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA GPU (a CPU build, or no GPU); use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+    return name
 
 
 def _seeded(seed: int, count: int, start: int = 0):
@@ -171,9 +188,10 @@ def _inpaint(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .pipeline_mage import MageInpaintPipeline, token_mask_overlay
+    from .training_utils import to_rgb
 
     pipe = _load_pipeline(args, MageInpaintPipeline)
-    image = _open_square(args.image, "--image").convert("RGB")
+    image = to_rgb(_open_square(args.image, "--image"))  # transparency onto white, as the pipeline composites it
     if args.mask is not None and args.box is not None:
         raise ValueError("Pass --mask or --box, not both.")
     mask = None
@@ -186,6 +204,12 @@ def _inpaint(args: argparse.Namespace) -> int:
             x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
         except ValueError:
             raise ValueError(f"--box must be x0,y0,x1,y1 in pixels of the (square) image, got {args.box!r}.") from None
+        side = image.width
+        if not (0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side):
+            raise ValueError(
+                f"--box {args.box} is empty or outside the {side}x{side} image (the centre square of a non-square "
+                "one): give 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height."
+            )
         mask = Image.new("L", image.size, 0)
         mask.paste(255, (x0, y0, x1, y1))
     elif args.strength is None:
@@ -210,9 +234,10 @@ def _inpaint(args: argparse.Namespace) -> int:
 
 def _outpaint(args: argparse.Namespace) -> int:
     from .pipeline_mage import MageInpaintPipeline
+    from .training_utils import to_rgb
 
     pipe = _load_pipeline(args, MageInpaintPipeline)
-    image = _open_square(args.image, "--image").convert("RGB")
+    image = to_rgb(_open_square(args.image, "--image"))  # transparency onto white, as the pipeline composites it
     results = []
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
@@ -313,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(inpaint, num_images=4)
     inpaint.add_argument("--image", required=True, help="the image (non-square images are centre-cropped)")
     inpaint.add_argument("--mask", help="mask image of the same size: white = regenerate")
-    inpaint.add_argument("--box", help="or a rectangle to regenerate: x0,y0,x1,y1 in pixels")
+    inpaint.add_argument("--box", help="or a rectangle to regenerate: x0,y0,x1,y1 in pixels (of the centre square "
+                         "of a non-square image)")
     inpaint.add_argument("--strength", type=float, help="or, without a mask: fraction of tokens to regenerate")
     inpaint.add_argument("--paste-back", action="store_true", help="keep the original pixels outside the mask")
     inpaint.set_defaults(func=_inpaint)

@@ -26,6 +26,7 @@ from diffusers.utils import BaseOutput
 
 from .modeling_mage import MageForMaskedImageModeling
 from .scheduling_mage import GeneratorArg, MageScheduler
+from .training_utils import to_rgb
 
 __all__ = [
     "MageGenerationPipeline",
@@ -74,11 +75,19 @@ def _resolve_folder(name_or_path: str | os.PathLike, **hub_kwargs) -> Path:
         return path
     if path.exists():
         raise ValueError(f"{name_or_path} is a file; pass a pipeline or model folder (or a Hub repo id).")
+    text = str(name_or_path)
+    # A repo id is "name" or "owner/name"; anything else that is not a folder is a mistyped path.
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"No such folder: {name_or_path} (nor is it a Hub repo id, which reads owner/name).")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
     keys = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
     kwargs = {k: hub_kwargs[k] for k in keys if hub_kwargs.get(k) is not None}
-    return Path(snapshot_download(str(name_or_path), **kwargs))
+    try:
+        return Path(snapshot_download(text, **kwargs))
+    except HFValidationError as err:
+        raise ValueError(f"{name_or_path} is neither a local folder nor a valid Hub repo id: {err}") from None
 
 
 def _to_float_images(images: torch.Tensor) -> torch.Tensor:
@@ -99,13 +108,7 @@ def prepare_image(image, resolution: int) -> torch.Tensor:
             raise ValueError("image is an empty list.")
         if not all(isinstance(im, PIL.Image.Image) for im in image):
             raise TypeError("A list `image` must hold PIL images.")
-        arrays = []
-        for im in image:
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = PIL.Image.alpha_composite(background, rgba)
-            arrays.append(np.asarray(im.convert("RGB")))
+        arrays = [np.asarray(to_rgb(im)) for im in image]  # transparency composited onto white
         sizes = {a.shape for a in arrays}
         if len(sizes) != 1:
             raise ValueError(f"All images in a batch must have the same size, got {sorted(sizes)}.")
@@ -142,25 +145,41 @@ def prepare_mask(mask_image, batch_size: int, image_size: int) -> torch.Tensor:
     regenerate, 0 (black) pixels to keep; grey levels are thresholded at 0.5.
 
     Takes a PIL image of any mode (converted to greyscale; for RGBA the alpha channel is ignored), a list of them, a
-    numpy array `(H, W)`/`(B, H, W)` or a tensor `(H, W)`/`(B, H, W)`/`(B, 1, H, W)` (bool, uint8, or float in
-    [0, 1]). One mask for a batch applies to every image."""
+    numpy array or a tensor `(H, W)`/`(B, H, W)`/`(B, 1, H, W)`, or an array with the colour last, `(H, W, C)`/
+    `(B, H, W, C)` with 1 or 3 channels (as `np.asarray(Image.open(...))` gives; colour is turned to grey as PIL
+    does). Values are bool, float in [0, 1], or uint8: 0/255, or 0/1 when no value exceeds 1. One mask for a batch
+    applies to every image."""
     if isinstance(mask_image, PIL.Image.Image):
         mask_image = [mask_image]
     if isinstance(mask_image, (list, tuple)):
         if not mask_image or not all(isinstance(m, PIL.Image.Image) for m in mask_image):
             raise TypeError("A list `mask_image` must hold PIL images.")
+        sizes = sorted({m.size for m in mask_image})
+        if len(sizes) != 1:
+            raise ValueError(f"All masks in a list must have the same size, got {sizes} (width, height).")
         mask_image = np.stack([np.asarray(m.convert("L")) for m in mask_image])
     if isinstance(mask_image, np.ndarray):
-        mask_image = torch.from_numpy(mask_image.astype(np.float32) / 255.0 if mask_image.dtype == np.uint8 else mask_image.astype(np.float32))
+        if mask_image.dtype == np.uint16 or mask_image.dtype.kind not in "biuf":
+            raise TypeError(f"A numpy mask must be bool, uint8 or float, got {mask_image.dtype}.")
+        mask_image = torch.from_numpy(np.array(mask_image))  # a copy: arrays of PIL images are read-only
     if not isinstance(mask_image, torch.Tensor):
         raise TypeError(f"mask_image must be a PIL image, numpy array or tensor, got {type(mask_image).__name__}.")
+    shape = tuple(mask_image.shape)
     mask = mask_image.float()
+    if mask.ndim in (3, 4) and mask.shape[-1] in (1, 3) and tuple(mask.shape[-3:-1]) == (image_size, image_size):
+        # Colour last: (H, W, C) or (B, H, W, C) -> grey, with PIL's "L" weights.
+        if mask.shape[-1] == 3:
+            mask = mask @ torch.tensor([0.299, 0.587, 0.114])
+        else:
+            mask = mask[..., 0]
     if mask.ndim == 2:
         mask = mask[None, None]
     elif mask.ndim == 3:
         mask = mask[:, None]
     if mask.ndim != 4 or mask.shape[1] != 1:
-        raise ValueError(f"mask_image must be (H, W), (B, H, W) or (B, 1, H, W), got {tuple(mask_image.shape)}.")
+        raise ValueError(
+            f"mask_image must be (H, W), (B, H, W), (B, 1, H, W), (H, W, C) or (B, H, W, C), got {shape}."
+        )
     if mask.shape[0] not in (1, batch_size):
         raise ValueError(f"Got {mask.shape[0]} masks for {batch_size} images; pass one mask, or one per image.")
     if tuple(mask.shape[-2:]) != (image_size, image_size):
@@ -168,8 +187,14 @@ def prepare_mask(mask_image, batch_size: int, image_size: int) -> torch.Tensor:
             f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} but the image is {image_size}x{image_size}; the mask "
             "must have the size of the image it applies to."
         )
-    if float(mask.min()) < 0 or float(mask.max()) > 1:
-        raise ValueError("Float masks must be in [0, 1] (1 = regenerate).")
+    if mask_image.dtype == torch.uint8:
+        # 0/255 as images store masks, or 0/1 as arrays often do: a uint8 mask whose values never exceed 1 is 0/1.
+        mask = mask / 255.0 if float(mask.max()) > 1 else mask
+    elif float(mask.min()) < 0 or float(mask.max()) > 1:
+        raise ValueError(
+            f"Float and integer masks must be in [0, 1] (1 = regenerate), got values in [{float(mask.min()):g}, "
+            f"{float(mask.max()):g}]; uint8 masks may be 0/255."
+        )
     return (mask >= 0.5).float().expand(batch_size, -1, -1, -1)
 
 
@@ -285,9 +310,20 @@ class MageGenerationPipeline(DiffusionPipeline):
             return super().from_pretrained(folder, **kwargs)
         config_file = folder / "config.json"
         if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "mage":
-            dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-            model = kwargs.pop("model", None) or MageForMaskedImageModeling.from_pretrained(folder, dtype=dtype)
-            scheduler = kwargs.pop("scheduler", None) or MageScheduler.from_model_config(model.config)
+            dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+            dtype = dtype or torch_dtype
+            model_kwargs = {k: kwargs.pop(k) for k in ("device_map", "variant", "use_safetensors") if k in kwargs}
+            for key in ("cache_dir", "token", "local_files_only"):
+                kwargs.pop(key, None)  # already used to fetch the snapshot
+            model, scheduler = kwargs.pop("model", None), kwargs.pop("scheduler", None)
+            if kwargs:
+                raise TypeError(
+                    f"Unexpected keyword argument(s) {sorted(kwargs)} for a bare MAGE model folder; it takes dtype, "
+                    "device_map, variant, use_safetensors, model= and scheduler=."
+                )
+            if model is None:
+                model = MageForMaskedImageModeling.from_pretrained(folder, dtype=dtype, **model_kwargs)
+            scheduler = scheduler or MageScheduler.from_model_config(model.config)
             return cls(model=model, scheduler=scheduler)
         raise ValueError(
             f"{pretrained_model_name_or_path} holds neither a pipeline (model_index.json) nor a MAGE model "
@@ -311,14 +347,29 @@ class MageGenerationPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ shared steps
 
     def check_common_inputs(
-        self, num_inference_steps, output_type, generator, batch_size, guidance_scale, callback_on_step_end_tensor_inputs
+        self,
+        num_inference_steps,
+        output_type,
+        generator,
+        batch_size,
+        guidance_scale,
+        callback_on_step_end_tensor_inputs,
+        choice_temperature=None,
     ) -> None:
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or None in generators[1:]:
+            raise TypeError(
+                "generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list of one per "
+                f"image, got {generator!r}."
+            )
         if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for {batch_size} images; pass one, or one per image.")
+        if choice_temperature is not None and not choice_temperature >= 0:
+            raise ValueError(f"choice_temperature must be >= 0 (0: no re-masking noise), got {choice_temperature}.")
         if guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}.")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
@@ -362,7 +413,10 @@ class MageGenerationPipeline(DiffusionPipeline):
             class_labels = [class_labels]
         if isinstance(class_labels, (list, tuple)):  # names -> ids; ids as they are
             class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        labels = torch.as_tensor(class_labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be integer class ids (or names), got {class_labels!r}.")
+        labels = labels.long().reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
         if labels.numel() != batch_size:
@@ -396,23 +450,40 @@ class MageGenerationPipeline(DiffusionPipeline):
         callback_on_step_end,
         callback_on_step_end_tensor_inputs: list[str],
     ) -> torch.LongTensor:
-        """The decoding loop: fill the masked ids of `token_ids` `(B, L)`."""
+        """The decoding loop: fill the masked ids of `token_ids` `(B, L)`.
+
+        A callback may stop it early by setting `pipeline._interrupt = True` (as in diffusers); the positions still
+        masked then take the last step's draw (its `pred_original_sample`), so the result is the model's current
+        guess of the image rather than ids that cannot be decoded."""
         self.scheduler.set_timesteps(num_inference_steps, device=token_ids.device)
+        guess = None
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
                 if self.interrupt:
-                    break
+                    continue
                 logits = self.predict_logits(token_ids, class_labels, guidance_scale)  # (B, L, K)
-                token_ids = self.scheduler.step(
+                step = self.scheduler.step(
                     logits, t, token_ids, generator=generator, choice_temperature=choice_temperature
-                ).prev_sample
+                )
+                token_ids, guess = step.prev_sample, step.pred_original_sample
                 if callback_on_step_end is not None:
                     local_vars = {"token_ids": token_ids, "logits": logits}
                     callback_kwargs = {k: local_vars[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     token_ids = callback_outputs.pop("token_ids", token_ids)
                 progress_bar.update()
+        if self.interrupt and guess is not None:
+            token_ids = torch.where(token_ids == self.model.config.mask_token_id, guess, token_ids)
         return token_ids
+
+    def _onload_model(self) -> None:
+        """With model CPU offload (`enable_model_cpu_offload`), move the model to the execution device now.
+        accelerate's offload hook does that when the model's `forward` runs, but the pipeline calls its
+        `masked_logits` and its tokenizer instead, so it runs the hook itself (as diffusers' `apply_forward_hook`
+        does for a VAE's `decode`). `maybe_free_model_hooks` offloads the model again at the end of a call."""
+        hook = getattr(self.model, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self.model)
 
     @contextlib.contextmanager
     def _tokenizer_in_float32(self):
@@ -449,7 +520,7 @@ class MageGenerationPipeline(DiffusionPipeline):
     def postprocess(self, images: torch.Tensor, output_type: str):
         """`(B, 3, H, W)` float in [0, 1] -> the requested output type."""
         if output_type == "pt":
-            return images.cpu()
+            return images  # on the device, as diffusers returns tensors
         array = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         if output_type == "np":
             return array
@@ -488,7 +559,9 @@ class MageGenerationPipeline(DiffusionPipeline):
                 Gumbel noise scale of the re-masking choice (annealed to 0); defaults to the scheduler's (4.5).
             generator (`torch.Generator` or a list of one per image, *optional*):
                 With one generator per image, image `i` depends only on generator `i`: the same seed gives the same
-                image whatever the batch it is in.
+                image whatever the batch it is in. (The draws are the same; the logits of different batch sizes can
+                differ by float rounding, ~1e-6 at ViT-B width, which could flip a nearly tied draw. In a 20-step
+                ViT-B run of 4 images at batch 1 and 4, no token differed.)
             class_labels (`int`, `str`, `list` or `torch.LongTensor`, *optional*):
                 For class-conditional models: one label, or one per image (-1 = unconditional). Names work when the
                 config names the classes (see `labels` and `get_label_ids`).
@@ -510,10 +583,13 @@ class MageGenerationPipeline(DiffusionPipeline):
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}.")
         tensor_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.check_common_inputs(num_inference_steps, output_type, generator, num_images, guidance_scale, tensor_inputs)
+        self.check_common_inputs(
+            num_inference_steps, output_type, generator, num_images, guidance_scale, tensor_inputs, choice_temperature
+        )
         self._interrupt = False
 
         # 2. Prepare: every token masked
+        self._onload_model()
         device = self._execution_device
         labels = self.prepare_class_labels(class_labels, num_images, guidance_scale)
         num_tokens = self.model.config.num_image_tokens
@@ -590,7 +666,9 @@ class MageInpaintPipeline(MageGenerationPipeline):
         pixels = prepare_image(image, self.resolution)  # (B, 3, S, S)
         batch_size = pixels.shape[0]
         tensor_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.check_common_inputs(num_inference_steps, output_type, generator, batch_size, guidance_scale, tensor_inputs)
+        self.check_common_inputs(
+            num_inference_steps, output_type, generator, batch_size, guidance_scale, tensor_inputs, choice_temperature
+        )
         pixel_mask = None
         if mask_image is not None:
             input_size = _input_size(image)
@@ -607,6 +685,7 @@ class MageInpaintPipeline(MageGenerationPipeline):
         self._interrupt = False
 
         # 2. Prepare: tokenize, then mask the tokens to generate
+        self._onload_model()
         device = self._execution_device
         labels = self.prepare_class_labels(class_labels, batch_size, guidance_scale)
         known_ids = self.tokenize(pixels)  # (B, L)

@@ -207,6 +207,8 @@ class MageScheduler(SchedulerMixin, ConfigMixin):
         device = model_output.device
         mask_id = self.config.mask_token_id
         choice_temperature = self.config.choice_temperature if choice_temperature is None else choice_temperature
+        if not choice_temperature >= 0:
+            raise ValueError(f"choice_temperature must be >= 0 (0: no re-masking noise), got {choice_temperature}.")
 
         unknown = sample == mask_id  # (B, L)
         num_unknown = unknown.sum(dim=1)  # (B,)

@@ -28,6 +28,7 @@ __all__ = [
     "ShardedBatchSampler",
     "center_crop_resize",
     "check_hub_access",
+    "check_ranges",
     "checkpoint_dirs",
     "clip_grad_norm_",
     "cosine_lr_with_warmup",
@@ -494,6 +495,15 @@ class ResumableState:
         self.global_step = int(state["global_step"])
         for name, value in state["generators"][self.process_index].items():
             self.generators[name].set_state(value)
+
+
+def check_ranges(parser, args, at_least: dict[str, float]) -> None:
+    """`parser.error` (exit 2, with the usage) for every argument of `at_least` that is set below its minimum: a zero
+    batch size or step interval would otherwise run to the end doing nothing, or fail deep inside the loop."""
+    for name, minimum in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be >= {minimum:g}, got {value:g}.")
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
