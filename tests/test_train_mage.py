@@ -317,7 +317,7 @@ def test_resume_after_sigkill_is_exact_and_the_folder_loads(work, tmp_path):
     bit-identical weights and the same loss at every step."""
     args = ["--dataset_name", work / "digits", "--config", work / "tiny.json", "--vq_model", work / "vq",
             "--max_train_samples", 8, "--train_batch_size", 8, "--min_crop_scale", 1.0, "--no_hflip",
-            "--max_train_steps", 24, "--learning_rate", 1e-2, "--lr_warmup_steps", 3, "--checkpointing_steps", 4,
+            "--max_train_steps", 24, "--learning_rate", 3e-2, "--lr_warmup_steps", 3, "--checkpointing_steps", 4,
             "--checkpoints_total_limit", 2, "--validation_steps", 12, "--seed", 3]
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_script([*args, "--output_dir", full, "--report_to", "tensorboard"])
@@ -345,7 +345,9 @@ def test_resume_after_sigkill_is_exact_and_the_folder_loads(work, tmp_path):
     last = load_file(str(full / "checkpoint-24" / "model.safetensors"))
     assert all(torch.equal(last[k], a[k]) for k in a)
 
-    # The loss went down on the fixed batch (measured: 3.42 -> ~2.8; chance is ln 32 = 3.47).
+    # The loss went down on the fixed batch (measured: 3.46 -> ~3.04; chance is ln 32 = 3.47). The random tokenizer's
+    # codebook starts uniform in +-1/32, so the digits' tokens spread over most of the 32 codes; lr 1e-2, enough
+    # while the codebook wrongly started N(0, 1) and the tokens took a few codes, gets only to ~3.2 in 24 steps.
     losses = [m["loss"] for m in metrics(full)]
     assert sum(losses[-4:]) / 4 < losses[0] - 0.3, losses
     logged = metrics(full)[-1]

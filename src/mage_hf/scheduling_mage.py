@@ -205,6 +205,8 @@ class MageScheduler(SchedulerMixin, ConfigMixin):
             )
         batch_size, num_tokens, codebook_size = model_output.shape
         device = model_output.device
+        # The float64 parts (as in the original) run where float64 exists: Apple's MPS has none.
+        f64_device = torch.device("cpu") if device.type == "mps" else device
         mask_id = self.config.mask_token_id
         choice_temperature = self.config.choice_temperature if choice_temperature is None else choice_temperature
         if not choice_temperature >= 0:
@@ -240,7 +242,7 @@ class MageScheduler(SchedulerMixin, ConfigMixin):
             fraction = self.masked_fraction(step_index)
             # floor(N0 * fraction), then at least 1 and at most unknown - 1: every step fixes at least one token and
             # leaves at least one for later. (The original multiplies in float64 and rounds down the same way.)
-            mask_len = torch.floor(self._num_unknown_at_start.double() * fraction).long()  # (B,)
+            mask_len = torch.floor(self._num_unknown_at_start.to(f64_device).double() * fraction).long().to(device)
             mask_len = torch.clamp(torch.minimum(num_unknown - 1, mask_len), min=1)
             if self.config.mask_len_rule == "first":
                 mask_len = mask_len[:1].expand(batch_size)
@@ -251,10 +253,10 @@ class MageScheduler(SchedulerMixin, ConfigMixin):
             selected = torch.gather(probs, -1, pred_original_sample.clamp(max=codebook_size - 1).unsqueeze(-1))
             log_selected = torch.log(selected.squeeze(-1))  # (B, L)
             if gumbel is None:
-                gumbel = gumbel_noise((batch_size, num_tokens), generator, device, torch.float64)
+                gumbel = gumbel_noise((batch_size, num_tokens), generator, f64_device, torch.float64)
             elif gumbel.shape != sample.shape:
                 raise ValueError(f"gumbel must have shape {tuple(sample.shape)}, got {tuple(gumbel.shape)}.")
-            scaled = (choice_temperature * (1.0 - ratio) * gumbel.to(device, torch.float64)).float()
+            scaled = (choice_temperature * (1.0 - ratio) * gumbel.to(f64_device, torch.float64)).float().to(device)
             confidence = torch.where(unknown, log_selected + scaled, torch.full_like(log_selected, math.inf))
 
             # Re-mask the new tokens at or below the mask_len-th smallest confidence. Rows with nothing unknown (an
