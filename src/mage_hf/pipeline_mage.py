@@ -159,8 +159,8 @@ def prepare_mask(mask_image, batch_size: int, image_size: int) -> torch.Tensor:
             raise ValueError(f"All masks in a list must have the same size, got {sizes} (width, height).")
         mask_image = np.stack([np.asarray(m.convert("L")) for m in mask_image])
     if isinstance(mask_image, np.ndarray):
-        if mask_image.dtype == np.uint16 or mask_image.dtype.kind not in "biuf":
-            raise TypeError(f"A numpy mask must be bool, uint8 or float, got {mask_image.dtype}.")
+        if mask_image.dtype.kind not in "biuf":
+            raise TypeError(f"A numpy mask must hold booleans or numbers, got {mask_image.dtype}.")
         mask_image = torch.from_numpy(np.array(mask_image))  # a copy: arrays of PIL images are read-only
     if not isinstance(mask_image, torch.Tensor):
         raise TypeError(f"mask_image must be a PIL image, numpy array or tensor, got {type(mask_image).__name__}.")
@@ -360,8 +360,10 @@ class MageGenerationPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        generators = generator if isinstance(generator, (list, tuple)) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or None in generators[1:]:
+        listed = isinstance(generator, (list, tuple))
+        if not (generator is None or isinstance(generator, torch.Generator) or listed) or (
+            listed and not all(isinstance(g, torch.Generator) for g in generator)
+        ):
             raise TypeError(
                 "generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list of one per "
                 f"image, got {generator!r}."
