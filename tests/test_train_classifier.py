@@ -562,3 +562,9 @@ def test_probe_on_a_trained_mage_beats_a_random_encoder(tmp_path):
         f"{top1['random']:.1f}%, margin {top1['trained'] - top1['random']:.1f} points"
     )
     assert top1["trained"] >= top1["random"] + 10.0, top1
+
+
+def test_fp16_on_the_cpu_is_refused(pretrain_folder, digits, tmp_path):
+    """Accelerate neither autocasts nor scales with fp16 on the CPU: the run would be float32 under an fp16 label."""
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        run(pretrain_folder, digits["datasets"], tmp_path / "fp16", "--mixed_precision", "fp16", "--max_train_steps", "1")

@@ -43,6 +43,7 @@ from mage_hf.training_utils import (
     ResumableState,
     ShardedBatchSampler,
     center_crop_resize,
+    check_mixed_precision,
     check_ranges,
     cosine_lr_with_warmup,
     end_training,
@@ -300,6 +301,7 @@ def main(args: argparse.Namespace) -> dict:
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
     )
+    check_mixed_precision(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     if accelerator.is_main_process:

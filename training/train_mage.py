@@ -30,6 +30,7 @@ from mage_hf.training_utils import (
     ShardedBatchSampler,
     center_crop_resize,
     check_hub_access,
+    check_mixed_precision,
     check_ranges,
     clip_grad_norm_,
     cosine_lr_with_warmup,
@@ -278,6 +279,7 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to, project_config=project,
     )
+    check_mixed_precision(accelerator)
     if args.push_to_hub:  # before anything slow: an upload that cannot happen must not cost a training run
         repo_id = check_hub_access(args.hub_model_id, args.hub_token) if accelerator.is_main_process else None
     if accelerator.is_main_process:

@@ -34,6 +34,7 @@ from mage_hf.training_utils import (
     ResumableState,
     ShardedBatchSampler,
     center_crop_resize,
+    check_mixed_precision,
     check_ranges,
     cosine_lr_with_warmup,
     end_training,
@@ -238,6 +239,7 @@ def main(args: argparse.Namespace) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
+    check_mixed_precision(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     if accelerator.is_main_process:

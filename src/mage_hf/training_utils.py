@@ -28,6 +28,7 @@ __all__ = [
     "ShardedBatchSampler",
     "center_crop_resize",
     "check_hub_access",
+    "check_mixed_precision",
     "check_ranges",
     "checkpoint_dirs",
     "clip_grad_norm_",
@@ -504,6 +505,16 @@ def check_ranges(parser, args, at_least: dict[str, float]) -> None:
         value = getattr(args, name, None)
         if value is not None and value < minimum:
             parser.error(f"--{name} must be >= {minimum:g}, got {value:g}.")
+
+
+def check_mixed_precision(accelerator) -> None:
+    """Refuse fp16 on the CPU: Accelerate then neither autocasts nor scales the loss, so the run would be float32
+    while its logs and model card said fp16."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "--mixed_precision fp16 needs a GPU: on the CPU Accelerate trains in float32 regardless. Use "
+            "--mixed_precision no (or bf16, which on CPUs without bf16 instructions is much slower)."
+        )
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
