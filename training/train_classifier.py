@@ -50,6 +50,7 @@ from mage_hf.training_utils import (
     keep_freed_memory,
     keyed_generator,
     load_image_dataset,
+    parameter_checksum,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -444,6 +445,12 @@ def main(args: argparse.Namespace) -> dict:
     else:
         classifier = unwrapped
     classifier.eval()
+    if accelerator.num_processes > 1:
+        # Every rank evaluates its share of the validation set with its own copy: they must all be the one rank 0
+        # saves, or the reported top-1 would not be the saved model's.
+        checksums = accelerator.gather(torch.tensor([parameter_checksum(classifier)], device=accelerator.device))
+        if len(set(checksums.tolist())) != 1:
+            raise RuntimeError(f"The ranks hold different classifiers (parameter checksums {checksums.tolist()}).")
     top1 = evaluate(accelerator, classifier, val_loader)
     accelerator.log({"eval/top1": top1}, step=global_step)
     results = {"mode": args.mode, "top1": top1, "num_validation_images": len(val_set), "step": global_step}
