@@ -301,6 +301,7 @@ def test_bad_arguments_are_refused(work, capsys):
         (["--model_size", "tiny", "--vq_model", "v", "--contrastive_weight", "-1"], "--contrastive_weight must be >= 0"),
         (["--model_size", "tiny", "--vq_model", "v", "--precompute_tokens", "--precompute_views", "0"],
          "--precompute_views must be >= 1"),
+        (["--model_size", "tiny", "--vq_model", "v", "--learning_rate", "0"], "--learning_rate must be > 0"),
     ):
         capsys.readouterr()
         with pytest.raises(SystemExit):

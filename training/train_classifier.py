@@ -151,11 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode == "linear_probe" and (args.mixup > 0 or args.cutmix > 0):
         p.error("--mixup/--cutmix are for --mode finetune (MAGE's linear probe uses neither)")
     check_ranges(p, args, {
-        "train_batch_size": 1, "eval_batch_size": 1, "num_train_epochs": 1, "max_train_steps": 1,
-        "logging_steps": 1, "checkpointing_steps": 1, "checkpoints_total_limit": 1, "learning_rate": 1e-12,
-        "base_learning_rate": 1e-12, "warmup_epochs": 0, "max_grad_norm": 0, "label_smoothing": 0,
-        "mixup": 0, "cutmix": 0, "max_train_samples": 1, "dataloader_num_workers": 0,
-    })
+        "train_batch_size": 1, "eval_batch_size": 1, "num_train_epochs": 1, "max_train_steps": 1, "logging_steps": 1,
+        "checkpointing_steps": 1, "checkpoints_total_limit": 1, "warmup_epochs": 0, "max_grad_norm": 0,
+        "label_smoothing": 0, "mixup": 0, "cutmix": 0, "max_train_samples": 1, "dataloader_num_workers": 0,
+    }, positive=("learning_rate", "base_learning_rate"))
     return args
 
 

@@ -139,11 +139,10 @@ def parse_args(argv=None):
     if args.streaming and (args.max_train_steps is None or args.precompute_tokens):
         p.error("--streaming needs --max_train_steps (the length is unknown) and cannot --precompute_tokens.")
     check_ranges(p, args, {
-        "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "num_train_epochs": 1e-9,
-        "checkpointing_steps": 1, "checkpoints_total_limit": 1, "validation_steps": 0, "num_validation_images": 1,
-        "precompute_views": 1, "contrastive_weight": 0, "contrastive_temperature": 1e-9, "learning_rate": 1e-12,
-        "blr": 1e-12, "max_train_samples": 1, "dataloader_num_workers": 0, "max_grad_norm": 0,
-    })
+        "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "checkpointing_steps": 1,
+        "checkpoints_total_limit": 1, "validation_steps": 0, "num_validation_images": 1, "precompute_views": 1,
+        "contrastive_weight": 0, "max_train_samples": 1, "dataloader_num_workers": 0, "max_grad_norm": 0,
+    }, positive=("num_train_epochs", "contrastive_temperature", "learning_rate", "blr"))
     if args.precompute_tokens and args.contrastive_weight and args.precompute_views < 2:
         p.error("--precompute_views must be >= 2 with --contrastive_weight (two views per image).")
     if not 0 <= args.class_dropout_prob <= 1:

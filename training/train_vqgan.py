@@ -164,10 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give at most one of --vq_model_name_or_path and --vq_config")
     check_ranges(p, args, {
         "train_batch_size": 1, "num_train_epochs": 1, "max_train_steps": 1, "logging_steps": 1,
-        "image_logging_steps": 1, "checkpointing_steps": 1, "checkpoints_total_limit": 1, "learning_rate": 1e-12,
-        "disc_learning_rate": 1e-12, "lr_warmup_steps": 0, "max_grad_norm": 0, "codebook_beta": 0,
-        "perceptual_weight": 0, "disc_start_step": 0, "max_train_samples": 1, "dataloader_num_workers": 0,
-    })
+        "image_logging_steps": 1, "checkpointing_steps": 1, "checkpoints_total_limit": 1, "lr_warmup_steps": 0,
+        "max_grad_norm": 0, "codebook_beta": 0, "perceptual_weight": 0, "disc_start_step": 0, "max_train_samples": 1,
+        "dataloader_num_workers": 0,
+    }, positive=("learning_rate", "disc_learning_rate"))
     return args
 
 

@@ -498,13 +498,18 @@ class ResumableState:
             self.generators[name].set_state(value)
 
 
-def check_ranges(parser, args, at_least: dict[str, float]) -> None:
-    """`parser.error` (exit 2, with the usage) for every argument of `at_least` that is set below its minimum: a zero
-    batch size or step interval would otherwise run to the end doing nothing, or fail deep inside the loop."""
+def check_ranges(parser, args, at_least: dict[str, int], positive: tuple[str, ...] = ()) -> None:
+    """`parser.error` (exit 2, with the usage) for every argument of `at_least` that is set below its minimum, and
+    every one of `positive` that is set but not above 0: a zero batch size, step interval or learning rate would
+    otherwise run to the end doing nothing, or fail deep inside the loop."""
     for name, minimum in at_least.items():
         value = getattr(args, name, None)
         if value is not None and value < minimum:
-            parser.error(f"--{name} must be >= {minimum:g}, got {value:g}.")
+            parser.error(f"--{name} must be >= {minimum}, got {value:g}.")
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be > 0, got {value:g}.")
 
 
 def check_mixed_precision(accelerator) -> None:
