@@ -114,10 +114,13 @@ def test_inpaint_command_errors(converted, photos, tmp_path, capsys):
     assert main(["generate", "--model", model, "--num-images", "0"]) == 2
     capsys.readouterr()
     for box in ("300,300,400,400", "100,100,50,50"):  # outside the 300x300 square; reversed
-        assert main(["inpaint", "--model", model, "--image", str(photos[0]), "--box", box, "--output", str(tmp_path)]) == 2
+        argv = ["inpaint", "--model", model, "--image", str(photos[0]), "--box", box, "--output", str(tmp_path)]
+        assert main(argv) == 2
         assert "--box" in capsys.readouterr().err
     for device, message in (("gpu", "not a device name"), ("cuda:7", "CUDA")):
         assert main(["generate", "--model", model, "--device", device, "--output", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+        assert main(["demo", "--device", device]) == 2  # before the app starts
         assert message in capsys.readouterr().err
 
 

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from PIL import Image
 
 from mage_hf import MageForMaskedImageModeling, MageGenerationPipeline, MageScheduler, MageVQConfig
 from test_modeling import tiny_config
+from launching import CPU_RANKS_ENV, gloo_launch_command
 from training_data import photo_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,23 +140,12 @@ def test_single_process_sampling_writes_every_image_and_its_settings(
     assert {p.name: p.stat().st_mtime_ns for p in reference_run.glob("*.png")} == before
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_write_the_same_files(reference_run, tiny_pipeline_dir, tmp_path):
     output_dir = tmp_path / "two-processes"
-    # Accelerate runs several CPU processes (gloo) when launched like multi-GPU with ACCELERATE_USE_CPU set.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(REPO / "pipelines" / "sample.py"), *sample_args(tiny_pipeline_dir, output_dir, batch_size=2),
-    ]
-    result = subprocess.run(command, env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                            text=True, timeout=600)
+    args = sample_args(tiny_pipeline_dir, output_dir, batch_size=2)
+    command = gloo_launch_command(REPO / "pipelines" / "sample.py", args)
+    result = subprocess.run(command, env={**subprocess_env(), **CPU_RANKS_ENV}, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "with 2 process(es)" in result.stderr, result.stderr[-3000:]
     assert png_digests(output_dir) == png_digests(reference_run)

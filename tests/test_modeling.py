@@ -522,7 +522,8 @@ def test_any_integer_dtype_of_ids(images, dtype):
         expected = model(input_ids=ids, noise=noise, mask_ratio=0.6)
         got = model(input_ids=ids.to(dtype), noise=noise, mask_ratio=0.6)
         assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
-        assert torch.equal(model.mage(input_ids=ids.to(dtype)).last_hidden_state, model.mage(input_ids=ids).last_hidden_state)
+        features = model.mage(input_ids=ids.to(dtype)).last_hidden_state
+        assert torch.equal(features, model.mage(input_ids=ids).last_hidden_state)
     with pytest.raises(ValueError, match="codebook ids"):
         model(input_ids=torch.full((1, 256), 200, dtype=torch.uint8))  # 200 is no id of a 16-code model
 

@@ -28,6 +28,7 @@ from mage_hf.classifier_training import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_classifier
+from launching import CPU_RANKS_ENV, gloo_launch_command
 from training_data import digit_images, write_datasets_folder, write_imagefolder
 
 RES = 16
@@ -567,7 +568,8 @@ def test_probe_on_a_trained_mage_beats_a_random_encoder(tmp_path):
 def test_fp16_on_the_cpu_is_refused(pretrain_folder, digits, tmp_path):
     """Accelerate neither autocasts nor scales with fp16 on the CPU: the run would be float32 under an fp16 label."""
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
-        run(pretrain_folder, digits["datasets"], tmp_path / "fp16", "--mixed_precision", "fp16", "--max_train_steps", "1")
+        run(pretrain_folder, digits["datasets"], tmp_path / "fp16", "--mixed_precision", "fp16",
+            "--max_train_steps", "1")
 
 
 @pytest.mark.slow
@@ -576,20 +578,15 @@ def test_two_process_linear_probe_folds_the_same_head_on_every_rank(pretrain_fol
     ranks before each step and each then updates them with its own batch; the script averages them before folding,
     and stops with an error if the ranks' classifiers differ (each evaluates its share with its own copy)."""
     import os
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = Path(train_classifier.__file__)
     out = tmp_path / "probe2"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(script), "--model_name_or_path", str(pretrain_folder), "--dataset_name", str(digits["datasets"]),
-           "--output_dir", str(out), "--report_to", "none", "--mode", "linear_probe", "--train_batch_size", "8",
-           "--max_train_steps", "4", "--validation_split", "0.25"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = gloo_launch_command(train_classifier.__file__, [
+        "--model_name_or_path", pretrain_folder, "--dataset_name", digits["datasets"], "--output_dir", out,
+        "--report_to", "none", "--mode", "linear_probe", "--train_batch_size", 8, "--max_train_steps", 4,
+        "--validation_split", 0.25,
+    ])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **CPU_RANKS_ENV}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks hold different classifiers" not in result.stderr

@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from launching import CPU_RANKS_ENV, gloo_launch_command
 from training_data import digit_images, photo_images, write_datasets_folder, write_imagefolder
 
 from mage_hf import MageConfig, MageForMaskedImageModeling, MageImageProcessor, MageVQConfig, MageVQModel
@@ -69,14 +69,9 @@ def run_script(args, processes: int = 1, env: dict | None = None, wait: bool = T
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}  # 1 thread: 2 cores, 2 ranks
     if processes == 1:
         cmd = [sys.executable, str(SCRIPT), *map(str, args)]
-    else:  # `accelerate launch --cpu` starts one process whatever --num_processes says; this starts gloo ranks
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), str(SCRIPT), *map(str, args)]
+    else:
+        env.update(CPU_RANKS_ENV)
+        cmd = gloo_launch_command(SCRIPT, args, processes)
     # A session of its own, so that the launcher and every rank it starts can be killed together: a timed-out or
     # failed test must not leave gloo ranks behind.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if not wait else subprocess.PIPE,
@@ -298,7 +293,8 @@ def test_bad_arguments_are_refused(work, capsys):
         (["--model_size", "tiny", "--vq_model", "v", "--train_batch_size", "0"], "--train_batch_size must be >= 1"),
         (["--model_size", "tiny", "--vq_model", "v", "--checkpointing_steps", "0"], "--checkpointing_steps must be"),
         (["--model_size", "tiny", "--vq_model", "v", "--num_validation_images", "0"], "--num_validation_images must"),
-        (["--model_size", "tiny", "--vq_model", "v", "--contrastive_weight", "-1"], "--contrastive_weight must be >= 0"),
+        (["--model_size", "tiny", "--vq_model", "v", "--contrastive_weight", "-1"],
+         "--contrastive_weight must be >= 0"),
         (["--model_size", "tiny", "--vq_model", "v", "--precompute_tokens", "--precompute_views", "0"],
          "--precompute_views must be >= 1"),
         (["--model_size", "tiny", "--vq_model", "v", "--learning_rate", "0"], "--learning_rate must be > 0"),

@@ -280,6 +280,8 @@ def _demo(args: argparse.Namespace) -> int:
         from .gradio_app import main as run_app
     except ImportError as err:
         raise SystemExit(f"error: the demo app needs Gradio: pip install 'mage-hf[space]' ({err})") from None
+    if args.device is not None:
+        _device(args.device)  # checked as for the other commands, before Gradio starts
     argv = ["--host", args.host, "--port", str(args.port)]
     for flag in ("model", "classifier", "device", "examples"):
         if getattr(args, flag):
