@@ -197,12 +197,90 @@ def test_truncated_checkpoint(tmp_path, golden_pretrain):
 
 
 def test_not_a_checkpoint(tmp_path):
-    path = tmp_path / "notes.pth"
-    path.write_text("hello")
-    with pytest.raises(CheckpointError, match="could not be read as a PyTorch checkpoint"):
-        convert_checkpoint(path, tmp_path / "out")
+    """Failed downloads saved under a checkpoint's name are named as such, not as unsafe pickles (which an HTML page
+    or a Git LFS pointer used to be reported as, since torch's weights-only unpickler fails on their first byte)."""
+    cases = {
+        "notes.pth": (b"hello", "it does not start like a file written by torch.save"),
+        "drive.pth": (b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning", "it is an HTML or XML page"),
+        "lfs.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n", "it is a Git LFS pointer"),
+        "empty.pth": (b"", "it is empty"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"{name} is not a PyTorch checkpoint: {reason}") as info:
+            convert_checkpoint(tmp_path / name, tmp_path / "out")
+        assert "arbitrary code" not in str(info.value)
     with pytest.raises(CheckpointError, match="No checkpoint file"):
         convert_checkpoint(tmp_path / "missing.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_is_never_mixed_or_lost(tmp_path):
+    """A non-empty --output is refused unless --overwrite, which replaces it whole, and only once the new folder is
+    complete; a file as --output fails before any work."""
+    shape = OriginalShape.tiny()
+    h = heads(shape, "pretrain")
+    path = save(tmp_path, "pre.pth", make_original_checkpoint(shape, "pretrain"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model_index.json").write_text("{}")  # e.g. a pipeline folder the user meant to keep
+    with pytest.raises(CheckpointError, match="already exists and is not empty.*--overwrite"):
+        convert_checkpoint(path, out, **h)
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "notes.txt"]
+
+    # A conversion that fails with --overwrite leaves the old folder as it was, and no staging folder behind.
+    bad = save(tmp_path, "bad.pth", {"model": {k: v for k, v in torch.load(path)["model"].items() if k != "norm.bias"}})
+    with pytest.raises(CheckpointError, match="missing"):
+        convert_checkpoint(bad, out, overwrite=True, **h)
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "out", "pre.pth"]
+
+    convert_checkpoint(path, out, overwrite=True, **h)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "conversion.json", "model.safetensors", "preprocessor_config.json"
+    ]
+    MageForMaskedImageModeling.from_pretrained(out)
+
+    # The checkpoint itself inside the folder to replace: refused rather than deleted.
+    inside = out / "pre.pth"
+    inside.write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match="would delete"):
+        convert_checkpoint(inside, out, overwrite=True, **h)
+    assert inside.is_file()
+
+    with pytest.raises(CheckpointError, match="is a file"):
+        convert_checkpoint(path, path, **h)
+    assert main(["convert", "--checkpoint", str(path), "--output", str(path), *TINY_HEADS]) == 2
+    assert torch.load(path)["model"]  # the checkpoint is intact
+    assert main(["convert", "--checkpoint", str(path), "--output", str(out), "--overwrite", *TINY_HEADS]) == 0
+
+
+def test_lost_blocks_and_bad_head_counts(tmp_path):
+    shape = OriginalShape.tiny()
+    sd = make_original_checkpoint(shape, "pretrain")["model"]
+    h = heads(shape, "pretrain")
+    no_first = {k: v for k, v in sd.items() if not k.startswith("blocks.0.")}
+    with pytest.raises(CheckpointError, match=r"has blocks.1 but no blocks.0.\*: blocks are missing"):
+        convert_checkpoint(save(tmp_path, "a.pth", {"model": no_first}), tmp_path / "out", **h)
+    # The released decoders have 8 blocks: a ViT-B-wide decoder of another depth is not taken for one.
+    with pytest.raises(CheckpointError, match="768 wide and 7 deep, not a released shape.*--decoder-num-heads"):
+        from mage_hf.convert_mage import infer_config, infer_vq_config
+
+        wide = {k: v for k, v in sd.items()}
+        wide["token_emb.word_embeddings.weight"] = torch.zeros(sd["token_emb.word_embeddings.weight"].shape[0], 768)
+        wide["decoder_embed.weight"] = torch.zeros(768, 768)
+        for i in range(7):
+            wide[f"decoder_blocks.{i}.mlp.fc1.weight"] = torch.zeros(3072, 768)
+        vq = infer_vq_config({k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")})
+        infer_config(wide, "pretrain", vq, num_attention_heads=12)
+    for value in (0, -2):
+        with pytest.raises(CheckpointError, match=f"--num-heads must be a positive number of attention heads, got {value}"):
+            convert_checkpoint(save(tmp_path, "p.pth", {"model": sd}), tmp_path / "out", num_attention_heads=value,
+                               decoder_num_attention_heads=4)
+        assert main(["convert", "--checkpoint", str(tmp_path / "p.pth"), "--output", str(tmp_path / "out"),
+                     "--num-heads", "2", "--decoder-num-heads", str(value)]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 def test_foreign_checkpoint(tmp_path):

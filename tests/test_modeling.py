@@ -349,6 +349,13 @@ def test_bad_ids_and_inputs_are_refused(images):
         model.mage(input_ids=ids.float())
     with pytest.raises(ValueError, match="exactly one"):
         model.mage(pixel_values=images, input_ids=ids)
+    # Other image sizes tokenize (the VQGAN is convolutional) but do not fit the 16x16 position table: at 224 the
+    # 14x14 grid would have been paired with the table's first 196 rows, with no error.
+    for size in (224, 240, 288):
+        with pytest.raises(ValueError, match=rf"takes 256x256 images .* got {size}x{size}.*size=256, crop_size=256"):
+            model.mage(pixel_values=images[:, :, :size, :size] if size < 256 else torch.rand(1, 3, size, size))
+    with pytest.raises(ValueError, match="got 256x240"):
+        MageForImageClassification(tiny_config(use_mean_pooling=True, num_labels=2))(pixel_values=images[..., :240])
     with pytest.raises(ValueError, match="labels|codebook ids"):
         model(input_ids=ids, token_mask=ids > 5, labels=ids.masked_fill(ids > 5, model.config.mask_token_id))
     with pytest.raises(ValueError, match="drop only masked tokens"):

@@ -19,6 +19,7 @@ def _convert(args: argparse.Namespace) -> int:
         kind=args.kind,
         num_attention_heads=args.num_heads,
         decoder_num_attention_heads=args.decoder_num_heads,
+        overwrite=args.overwrite,
     )
     print(
         f"Converted a {report.kind} checkpoint in {report.seconds:.1f} s: {report.mapped} tensors mapped "
@@ -297,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert an original MAGE or VQGAN checkpoint to a folder")
     convert.add_argument("--checkpoint", required=True, help="mage-vitb-1600.pth, a fine-tuned .pth or a VQGAN .ckpt")
     convert.add_argument("--vqgan", help="VQGAN checkpoint, for a MAGE checkpoint that lacks vqgan.* weights")
-    convert.add_argument("--output", required=True, help="folder to write")
+    convert.add_argument("--output", required=True, help="folder to write (a new or empty folder)")
+    convert.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
     convert.add_argument("--kind", choices=["pretrain", "finetune", "vqgan"], help="override the detected kind")
     convert.add_argument("--num-heads", type=int, help="encoder heads (only for shapes other than ViT-B/L)")
     convert.add_argument("--decoder-num-heads", type=int, help="decoder heads (only for shapes other than ViT-B/L)")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +55,7 @@ UNUSED_KEYS = {
 
 # Head counts cannot be read from weights. These are the released shapes: (width, depth) -> heads.
 KNOWN_HEADS = {(768, 12): 12, (1024, 24): 16}
-KNOWN_DECODER_HEADS = {768: 16, 1024: 16}
+KNOWN_DECODER_HEADS = {(768, 8): 16, (1024, 8): 16}
 
 
 class CheckpointError(ValueError):
@@ -69,25 +71,54 @@ class ConversionReport:
     seconds: float = 0.0
 
 
+def _not_a_checkpoint_reason(path: Path) -> str | None:
+    """Why `path` cannot be a PyTorch checkpoint, from its first bytes (None if it may be one). `torch.save` writes a
+    zip archive (`PK`) or, in the legacy format, a pickle (protocol byte 0x80); failed downloads often leave
+    something else under the checkpoint's name."""
+    with path.open("rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "it is empty (a failed or interrupted download?): download it again"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file itself: run `git lfs pull` in its repository"
+    if head.lstrip().startswith(b"<"):
+        return "it is an HTML or XML page (a failed download, e.g. a sign-in or virus-scan page): download the file itself"
+    return "it does not start like a file written by torch.save: it may be truncated or corrupt (download it again)"
+
+
 def load_original_checkpoint(path: str | Path) -> dict:
     """Read a `.pth`/`.ckpt` file safely and return the raw object (a dict)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No checkpoint file at {path}.")
+    reason = _not_a_checkpoint_reason(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {reason}.")
     try:
         # Checkpoints written by the original training code also hold its `argparse.Namespace` of arguments (and
         # optimizer state); allowing that one plain container keeps them loadable without a full unpickler.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        details = " ".join(str(err).split())
+        # torch names the refused class or function ("Unsupported global: GLOBAL ...", "unsupported GLOBAL ...");
+        # any other unpickling error is damage to the file, not a code object.
+        if "global" in details.lower():
+            found = re.search(r"GLOBAL [\w.]+", details)
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain containers"
+                f"{f' ({found.group(0)})' if found else ''}, so it was not loaded (loading it could run arbitrary "
+                "code). Re-save just the state dict, e.g. torch.save({'model': sd}, ...), from a trusted environment."
+            ) from None
         raise CheckpointError(
-            f"{path} holds Python objects other than tensors and plain containers, so it was not loaded (loading it "
-            "could run arbitrary code). Re-save just the state dict, e.g. torch.save({'model': sd}, ...), from a "
-            f"trusted environment. Details: {str(err).splitlines()[0]}"
+            f"{path} could not be read as a PyTorch checkpoint; it may be truncated or corrupt (download it again). "
+            f"Details: {details[-200:]}"
         ) from None
     except Exception as err:  # garbage bytes fail in many ways inside the unpickler (KeyError, EOFError, ...)
         raise CheckpointError(
-            f"{path} could not be read as a PyTorch checkpoint; it may be truncated or corrupt (re-download it). "
+            f"{path} could not be read as a PyTorch checkpoint; it may be truncated or corrupt (download it again). "
             f"Details: {type(err).__name__}: {err}"
         ) from None
     if not isinstance(obj, dict):
@@ -156,6 +187,23 @@ def infer_vq_config(sd: dict[str, torch.Tensor]) -> MageVQConfig:
     )
 
 
+def _num_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    """The number of transformer blocks `prefix.<i>.*` in `sd`, after checking that they are numbered 0..N-1: a block
+    lost from a damaged or hand-edited file must not turn into a shallower model. (A block that lacks some tensors
+    is named by the key accounting in `load_into`; a lost last block of a released shape shows as a depth that is
+    not a released one.)"""
+    indices = {int(key.split(".")[1]) for key in sd if key.startswith(prefix + ".") and key.split(".")[1].isdigit()}
+    if not indices:
+        raise CheckpointError(f"The checkpoint has no {prefix}.* weights.")
+    missing = sorted(set(range(max(indices) + 1)) - indices)
+    if missing:
+        raise CheckpointError(
+            f"The checkpoint has {prefix}.{max(indices)} but no {prefix}.{missing[0]}.*: blocks are missing, the file "
+            "is damaged or incomplete."
+        )
+    return len(indices)
+
+
 def infer_config(
     sd: dict[str, torch.Tensor],
     kind: str,
@@ -177,8 +225,11 @@ def infer_config(
         raise CheckpointError(f"{num_positions} positions is not 1 + a square grid of tokens.")
     vq_config.resolution = grid * vq_config.downsample_factor
 
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    heads = num_attention_heads or KNOWN_HEADS.get((hidden_size, depth))
+    depth = _num_blocks(sd, "blocks")
+    for name, value in (("--num-heads", num_attention_heads), ("--decoder-num-heads", decoder_num_attention_heads)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{name} must be a positive number of attention heads, got {value!r}.")
+    heads = num_attention_heads if num_attention_heads is not None else KNOWN_HEADS.get((hidden_size, depth))
     if heads is None:
         raise CheckpointError(
             f"The encoder is {hidden_size} wide and {depth} deep, not a released shape, and head counts cannot be read "
@@ -193,14 +244,20 @@ def infer_config(
     )
     if kind == "pretrain":
         decoder_hidden_size = _shape(sd, "decoder_embed.weight", kind)[0]
-        decoder_heads = decoder_num_attention_heads or KNOWN_DECODER_HEADS.get(decoder_hidden_size)
+        decoder_depth = _num_blocks(sd, "decoder_blocks")
+        decoder_heads = (
+            decoder_num_attention_heads
+            if decoder_num_attention_heads is not None
+            else KNOWN_DECODER_HEADS.get((decoder_hidden_size, decoder_depth))
+        )
         if decoder_heads is None:
             raise CheckpointError(
-                f"The decoder is {decoder_hidden_size} wide, not a released shape: pass --decoder-num-heads."
+                f"The decoder is {decoder_hidden_size} wide and {decoder_depth} deep, not a released shape (those have "
+                "8 blocks): pass --decoder-num-heads."
             )
         kwargs.update(
             decoder_hidden_size=decoder_hidden_size,
-            decoder_num_hidden_layers=len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")}),
+            decoder_num_hidden_layers=decoder_depth,
             decoder_num_attention_heads=decoder_heads,
             decoder_intermediate_size=_shape(sd, "decoder_blocks.0.mlp.fc1.weight", kind)[0],
         )
@@ -339,6 +396,39 @@ def write_conversion_record(output_dir: str | Path, checkpoint: str | Path, kind
     return path
 
 
+def _check_output_dir(output_dir: Path, sources: list, overwrite: bool) -> None:
+    """Refuse an output path that would lose data, before any work is done."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"--output {output_dir} is a file; give the path of a folder to create.")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointError(
+                f"--output {output_dir} already exists and is not empty; choose a new folder, or pass --overwrite to "
+                "replace it (everything in it is deleted)."
+            )
+        resolved = output_dir.resolve()
+        for source in sources:
+            if resolved in Path(source).resolve().parents:
+                raise CheckpointError(
+                    f"--overwrite would delete {source}, which is inside --output {output_dir}; write elsewhere."
+                )
+
+
+def _write_folder(model, probe: torch.Tensor, kind: str, config, folder: Path) -> None:
+    """Save `model` with its image processor's config into `folder`, then reload it and check it gives `probe`."""
+    from .image_processing_mage import MageImageProcessor
+
+    model.save_pretrained(folder)
+    resolution = config.resolution if kind == "vqgan" else config.vq_config.resolution
+    MageImageProcessor(
+        size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
+    ).save_pretrained(folder)
+    reloaded = type(model).from_pretrained(folder).eval()
+    again = _probe(reloaded, kind, torch.Generator().manual_seed(0))
+    if not torch.equal(probe, again):
+        raise CheckpointError("The converted folder does not reload to the same numbers.")
+
+
 def convert_checkpoint(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -347,16 +437,21 @@ def convert_checkpoint(
     num_attention_heads: int | None = None,
     decoder_num_attention_heads: int | None = None,
     id2label: dict[int, str] | None = None,
+    overwrite: bool = False,
 ) -> ConversionReport:
     """Convert one original checkpoint into a `from_pretrained` folder at `output_dir` and return a report.
 
     The converted weights are checked to equal the source tensors exactly, the model is run once, the folder is
     written as safetensors (with the image processor's config), reloaded, and run again to check the numbers agree;
     then `conversion.json` records the source checkpoint's name and SHA-256 ([`write_conversion_record`]).
-    """
-    from .image_processing_mage import MageImageProcessor
 
+    The folder is written beside `output_dir` and moved into place only once it has passed those checks, so a failed
+    conversion leaves nothing behind. An existing non-empty `output_dir` is refused unless `overwrite`, which
+    replaces it whole (no file of the old folder is mixed into the new one).
+    """
     start = time.perf_counter()
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, [checkpoint] + ([vqgan] if vqgan is not None else []), overwrite)
     sd = unwrap_state_dict(load_original_checkpoint(checkpoint))
     if kind is not None and kind not in KINDS:
         raise CheckpointError(f"Unknown kind '{kind}'; use one of {KINDS}.")
@@ -414,18 +509,16 @@ def convert_checkpoint(
     if not torch.isfinite(probe).all():
         raise CheckpointError("The converted model produces non-finite outputs; the checkpoint's weights are broken.")
 
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    resolution = config.resolution if kind == "vqgan" else config.vq_config.resolution
-    MageImageProcessor(
-        size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
-    ).save_pretrained(output_dir)
-
-    reloaded = type(model).from_pretrained(output_dir).eval()
-    again = _probe(reloaded, kind, torch.Generator().manual_seed(0))
-    if not torch.equal(probe, again):
-        raise CheckpointError(f"The folder written to {output_dir} does not reload to the same numbers.")
-    write_conversion_record(output_dir, checkpoint, kind, mapped=len(converted), max_abs_diff=max_diff, vqgan=vqgan)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+    try:
+        _write_folder(model, probe, kind, config, staging)
+        write_conversion_record(staging, checkpoint, kind, mapped=len(converted), max_abs_diff=max_diff, vqgan=vqgan)
+        if output_dir.exists():  # checked above: empty, or `overwrite`
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return ConversionReport(
         kind=kind, mapped=len(converted), unused=unused, max_abs_diff=max_diff, seconds=time.perf_counter() - start
     )

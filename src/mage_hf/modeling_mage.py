@@ -364,6 +364,16 @@ class MageModel(MagePreTrainedModel):
     def tokenize(self, pixel_values: torch.Tensor, channels_last: bool = False) -> torch.LongTensor:
         """Images in [0, 1] `(B, 3, H, W)` -> codebook ids `(B, L)`, row-major. `channels_last`: see
         [`MageVQModel.encode`]."""
+        # The tokenizer takes any multiple of its down-sampling factor, but the transformer's learned position table
+        # has one row per token of the training resolution: a smaller grid would be paired with the wrong rows.
+        side = self.config.vq_config.resolution
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4 and pixel_values.shape[-2:] != (side, side):
+            height, width = pixel_values.shape[-2:]
+            raise ValueError(
+                f"This model takes {side}x{side} images (a {self.config.vq_config.grid_size}x"
+                f"{self.config.vq_config.grid_size} token grid, one learned position each), got {height}x{width}. "
+                f"Use MageImageProcessor(size={side}, crop_size={side}) (the model folder's processor does this)."
+            )
         token_ids = self.vq_model.encode(pixel_values, channels_last=channels_last).token_ids  # (B, h, w)
         return token_ids.flatten(1)  # (B, L)
 
