@@ -300,6 +300,10 @@ def test_background_color_option(tmp_path):
 def test_la_and_palette_transparency_use_background(processor):
     la = PIL.Image.fromarray(np.stack([np.zeros((30, 40), np.uint8), np.zeros((30, 40), np.uint8)], -1), "LA")
     np.testing.assert_array_equal(pixels(processor, la), 1.0)
+    # Premultiplied "La" (PIL converts it to "LA" but not straight to "RGBA"): the same picture as its "LA" form.
+    premultiplied = PIL.Image.new("La", (40, 30), (100, 128))
+    np.testing.assert_array_equal(pixels(processor, premultiplied), pixels(processor, premultiplied.convert("LA")))
+    assert pixels(processor, premultiplied).min() < 0.95  # composited, not blank white
     index = np.zeros((30, 40), np.uint8)
     index[:, 20:] = 1
     palette = PIL.Image.fromarray(index, "P")
@@ -340,6 +344,8 @@ def test_numpy_layouts_and_dtypes_agree(processor, rng):
     chw = hwc.transpose(2, 0, 1)
     np.testing.assert_array_equal(pixels(processor, chw, input_data_format="channels_first"), expected)
     np.testing.assert_array_equal(pixels(processor, (hwc.astype(np.uint16) * 257)), expected)
+    # Big-endian 16-bit data (FITS files, some scientific formats), once refused as "not uint16".
+    np.testing.assert_array_equal(pixels(processor, (hwc.astype(np.uint16) * 257).astype(">u2")), expected)
 
 
 def test_float_inputs_follow_do_rescale(processor):
@@ -467,6 +473,16 @@ def test_invalid_options_raise_clear_errors(processor):
         processor(gray, background_color="white")
     with pytest.raises(ValueError, match=r"supports size=\{'shortest_edge': s\}"):
         processor(gray, size={"max_height": 10, "max_width": 10})
+    # A zero size used to give empty (3, 0, 0) arrays, then a numpy reduction error with return_tensors.
+    for kwargs, match in (
+        ({"crop_size": 0}, r"`crop_size` must hold positive whole numbers of pixels, got height=0"),
+        ({"crop_size": {"height": 4, "width": -1}}, "got width=-1"),
+        ({"size": 0}, r"`size` must hold positive whole numbers of pixels, got shortest_edge=0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            processor(gray, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            MageImageProcessor(**kwargs)(gray)
 
 
 # ------------------------------------------------------------------------------------------ save / load

@@ -154,6 +154,11 @@ class MageImageProcessor(PilBackend):
 
     def _standardize_kwargs(self, background_color=None, **kwargs) -> dict:
         kwargs = super()._standardize_kwargs(**kwargs)
+        for name in ("size", "crop_size"):
+            sizes = kwargs.get(name)
+            for key, value in (dict(sizes) if sizes is not None else {}).items():
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise ValueError(f"`{name}` must hold positive whole numbers of pixels, got {key}={value!r}.")
         kwargs["background_color"] = None if background_color is None else _check_background_color(background_color)
         return kwargs
 
@@ -401,6 +406,8 @@ def _pil_to_array(image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarray:
         return np.asarray(image)
     has_transparency_key = image.info.get("transparency") is not None
     if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and has_transparency_key):
+        if mode == "La":  # premultiplied; PIL converts it to LA (un-premultiplying) but not to RGBA directly
+            image = image.convert("LA")
         return np.asarray(image.convert("RGBA"))
     if mode in ("RGB", "L"):
         return np.asarray(image)
@@ -544,7 +551,7 @@ def _array_to_rgb_chw(
 def _integer_to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16 in either byte order (FITS is big-endian)
         return np.round(array.astype(np.float32) * np.float32(255.0 / 65535.0)).astype(np.uint8)
     low, high = int(array.min()), int(array.max())
     if low < 0 or high > 255:
