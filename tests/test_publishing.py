@@ -141,6 +141,10 @@ def test_dry_run_pipeline_folder(folders, tmp_path, capsys):
         "train_batch_size": 8, "seed": 3, "hub_token": "hf_secret_value", "output_dir": "/home/me/run",
         "precompute_tokens": True,
     }))
+    # What train_mage.py records of its base: a model trained from scratch by mage-hf (so these weights are MIT).
+    (source / "base_provenance.json").write_text(json.dumps(
+        {"base_model": "someone/mage-base", "official_weights": False, "conversion": None}
+    ))
 
     assert push("--folder", source, "--repo-id", REPO, "--dry-run", "--steps", 2) == 0
     out = capsys.readouterr().out
@@ -149,7 +153,8 @@ def test_dry_run_pipeline_folder(folders, tmp_path, capsys):
     assert "model/model.safetensors" in out and "samples.png" in out
 
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    assert files == sorted([".mage-hf-staging", "README.md", "model/config.json", "model/model.safetensors",
+    assert files == sorted([".mage-hf-staging", "README.md", "base_provenance.json", "model/config.json",
+                            "model/model.safetensors",
                             "model_index.json", "samples.png", "scheduler/scheduler_config.json",
                             "training_args.json"])
     staged_args = json.loads((staging / "training_args.json").read_text())
@@ -461,6 +466,8 @@ def test_space_push_against_a_fake_hub(space_folder, tmp_path, capsys, monkeypat
     assert kwargs["add_space_variable"]["args"] == ("org/mage-demo", "MAGE_MODEL", "org/x")
     assert kwargs["upload_folder"]["repo_type"] == "space" and "mage_hf/__init__.py" in kwargs["upload_folder"]["files"]
     assert "https://huggingface.co/spaces/org/mage-demo" in capsys.readouterr().out
+    # The variable restarts the running Space: it is set after the new app is uploaded, never before.
+    assert [name for name, _ in calls].index("add_space_variable") > [name for name, _ in calls].index("upload_folder")
     # As a pull request, the running Space's variable is left alone.
     calls.clear()
     assert push("--space", "--folder", space_folder, "--repo-id", "org/mage-demo", "--model", "org/x", "--create-pr",
@@ -533,3 +540,63 @@ def test_write_model_card_without_loading(tmp_path):
     assert str(out) in card.text  # no repo id: the snippets load the folder
     info = training_folder_info(out, {"dataset_name": str(local)})
     assert info.class_name == "MageForMaskedImageModeling" and not info.loaded
+
+
+def test_licence_follows_the_base_model_wherever_push_runs(converted, tmp_path, capsys, monkeypatch):
+    """A run continued from a converted folder records where its weights come from (base_provenance.json), so its
+    card says the MAGE authors' terms apply also when `mage-hf push` runs elsewhere, and so does a run continued from
+    that run. Before, the base was looked up through the path as typed, relative to the current directory, and a
+    push from anywhere else called the weights MIT."""
+    from mage_hf.training_utils import record_base_model
+
+    monkeypatch.chdir(converted["pretrain"].parent)
+    first, second = tmp_path / "first", tmp_path / "second"
+    record_base_model(str(first), "pretrain")  # as typed on the command line, relative
+    write_model_card(str(first), None, {"pretrained_model": "pretrain"}, None)
+    record_base_model(str(second), str(first))
+    shutil.copytree(converted["pretrain"], first, dirs_exist_ok=True, ignore=shutil.ignore_patterns("conversion.json"))
+    (first / "training_args.json").write_text(json.dumps({"pretrained_model": "pretrain"}))
+    shutil.copytree(first, second, dirs_exist_ok=True, ignore=shutil.ignore_patterns("base_provenance.json"))
+    (second / "training_args.json").write_text(json.dumps({"pretrained_model": str(first)}))
+    monkeypatch.chdir(tmp_path)
+    for folder in (first, second):
+        assert push("--folder", folder, "--repo-id", REPO, "--dry-run", "--output", tmp_path / f"{folder.name}-s",
+                    "--samples", 0) == 0
+        card = load_card(tmp_path / f"{folder.name}-s")
+        assert card.data.license == "other" and card.data.license_name == "mage-weights", folder
+        assert "derive from the MAGE authors'" in card.text
+
+    # A base that cannot be looked at (a Hub repo, offline and not cached): no licence is assumed.
+    unknown = copy_folder(tmp_path, "first", tmp_path / "u")
+    (unknown / "base_provenance.json").unlink()
+    (unknown / "training_args.json").write_text(json.dumps({"pretrained_model": "someone/unseen-base"}))
+    assert push("--folder", unknown, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "u-s", "--samples", 0) == 2
+    err = capsys.readouterr().err
+    assert "trained from someone/unseen-base, and mage-hf cannot tell" in err and "pass --license" in err
+    assert not (tmp_path / "u-s").exists()  # refused before staging anything
+    assert push("--folder", unknown, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "u-s", "--samples", 0,
+                "--license", "apache-2.0") == 0
+    assert load_card(tmp_path / "u-s").data.license == "apache-2.0"
+    # The training scripts write no card then, rather than one with a guessed licence.
+    assert write_model_card(str(unknown), None, {"pretrained_model": "someone/unseen-base"}, None) is None
+
+
+def test_licence_ids_and_own_readme(folders, tmp_path, capsys):
+    encoder = copy_folder(folders, "encoder", tmp_path)
+    for licence, message in (("MIT licence", "not a Hub licence identifier"),
+                             ("other", "--license other is for weights that derive from the MAGE authors'")):
+        assert push("--folder", encoder, "--repo-id", REPO, "--dry-run", "--license", licence) == 2
+        assert message in capsys.readouterr().err
+
+    (encoder / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# My encoder\n\nHand-written notes.\n")
+    assert push("--folder", encoder, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "s") == 2
+    err = capsys.readouterr().err
+    assert "is your own README" in err and "pass --license apache-2.0 to keep it" in err and "--replace-readme" in err
+    assert not (tmp_path / "s").exists()
+    assert push("--folder", encoder, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "s", "--replace-readme",
+                "--license", "apache-2.0") == 0
+    assert load_card(tmp_path / "s").data.license == "apache-2.0"
+    assert "Hand-written notes" in (encoder / "README.md").read_text()  # the folder's copy is untouched
+    # A card mage-hf wrote (tagged mage-hf) is replaced without asking.
+    shutil.copy(tmp_path / "s" / "README.md", encoder / "README.md")
+    assert push("--folder", encoder, "--repo-id", REPO, "--dry-run", "--output", tmp_path / "s2") == 0

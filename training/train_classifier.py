@@ -51,6 +51,7 @@ from mage_hf.training_utils import (
     keyed_generator,
     load_image_dataset,
     parameter_checksum,
+    record_base_model,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -306,6 +307,7 @@ def main(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        record_base_model(args.output_dir, args.model_name_or_path)
 
     train, val, image_column, label_column, names = load_data(args)
     model = build_model(args, names)

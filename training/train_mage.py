@@ -44,6 +44,7 @@ from mage_hf.training_utils import (
     param_groups_weight_decay,
     parameter_checksum,
     precompute_view_tokens,
+    record_base_model,
     resolve_checkpoint,
     save_checkpoint,
     write_model_card,
@@ -283,6 +284,7 @@ def main(args):
         repo_id = check_hub_access(args.hub_model_id, args.hub_token) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        record_base_model(args.output_dir, args.pretrained_model, push_to_hub=args.push_to_hub)
     set_seed(args.seed)  # model initialisation (identical on every rank); training randomness is keyed below
     rank, world = accelerator.process_index, accelerator.num_processes
 

@@ -42,6 +42,7 @@ from mage_hf.training_utils import (
     keep_freed_memory,
     keyed_generator,
     load_image_dataset,
+    record_base_model,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -244,6 +245,7 @@ def main(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        record_base_model(args.output_dir, args.vq_model_name_or_path)
 
     # Data: hold some images out (a fixed, seeded choice) for PSNR and grids; augment the rest.
     dataset, image_column, _ = load_image_dataset(

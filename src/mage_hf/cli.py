@@ -77,6 +77,7 @@ def _push(args: argparse.Namespace) -> int:
         revision=args.revision,
         create_pr=args.create_pr,
         license=args.license,
+        replace_readme=args.replace_readme,
         samples=args.samples,
         steps=args.steps,
         seed=args.seed,
@@ -314,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="write and check the staging folder, upload nothing")
     push.add_argument("--output", help="the staging folder (default: <folder>-hub beside the folder)")
     push.add_argument("--license", help="Hub licence id for the card (default: mit; other for MAGE's own weights)")
+    push.add_argument("--replace-readme", action="store_true",
+                      help="replace the folder's own README.md (not one mage-hf wrote) with the generated card")
     push.add_argument("--samples", type=int, default=8, help="images in the card's samples.png (0: none)")
     push.add_argument("--steps", type=int, default=12, help="decoding steps for the samples")
     push.add_argument("--seed", type=int, default=0, help="sample n uses seed + n")

@@ -86,7 +86,9 @@ TRAINING_TABLE_KEYS = (
     "precompute_tokens", "seed",
 )
 # training_args.json keys that name the model a run continued from (train_mage: --pretrained_model).
-BASE_MODEL_KEYS = ("pretrained_model", "pretrained_model_name_or_path", "model_name_or_path")
+BASE_MODEL_KEYS = ("pretrained_model", "pretrained_model_name_or_path", "model_name_or_path", "vq_model_name_or_path")
+BASE_PROVENANCE_FILE = "base_provenance.json"
+LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")  # the Hub's licence identifiers: apache-2.0, mit, cc-by-4.0, ...
 # Argument names that hold credentials (`hub_token`, `token`, `api_key`, ...), not ones like `precompute_tokens`.
 SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|api_key)$", re.IGNORECASE)
 
@@ -136,6 +138,7 @@ class FolderInfo:
     fid: dict | None = None
     conversion: dict | None = None
     base_conversion: dict | None = None
+    base_provenance: dict | None = None
     final_loss: float | None = None
     evaluation_notes: str | None = None
     loaded: bool = False
@@ -164,6 +167,15 @@ class FolderInfo:
     def from_official_weights(self) -> bool:
         """True when the weights are (or derive from) a converted original MAGE checkpoint."""
         return self.conversion is not None or self.base_conversion is not None
+
+    @property
+    def unknown_base(self) -> str | None:
+        """The model this one was trained from when where its weights come from cannot be told (so the card cannot
+        choose a licence for them), else None."""
+        if self.from_official_weights or self.base_provenance is None:
+            return None
+        known = self.base_provenance.get("official_weights") is not None
+        return None if known else str(self.base_provenance.get("base_model"))
 
 
 def _excluded(name: str, patterns=DEFAULT_EXCLUDES) -> bool:
@@ -225,6 +237,21 @@ def _config_summary(model_dir: Path, class_name: str) -> dict[str, Any]:
     return summary
 
 
+def _read_base_provenance(info: FolderInfo) -> None:
+    """`base_provenance.json` (written by the training scripts), else the base folder through its recorded path."""
+    path = info.path / BASE_PROVENANCE_FILE
+    if path.is_file():
+        info.base_provenance = _read_json(path)
+        conversion = info.base_provenance.get("conversion")
+        official = info.base_provenance.get("official_weights") is True
+        info.base_conversion = (conversion if isinstance(conversion, dict) else {}) if official else None
+    elif _base_model_value(info.training_args or {}) is not None:
+        # Folders written before that file: the recorded path is relative to where training ran, so it may not
+        # resolve from here; then the base is unknown rather than assumed to be mage-hf's own.
+        info.base_provenance = base_provenance(_base_model_value(info.training_args))
+        info.base_conversion = info.base_provenance["conversion"] if info.base_provenance["official_weights"] else None
+
+
 def _read_provenance(info: FolderInfo) -> None:
     """Fill the provenance fields of `info` from the files in its folder."""
     folder = info.path
@@ -232,7 +259,7 @@ def _read_provenance(info: FolderInfo) -> None:
                        ("fid.json", "fid"), ("conversion.json", "conversion")):
         if (folder / name).is_file():
             setattr(info, attr, _read_json(folder / name))
-    info.base_conversion = _base_conversion(info.training_args)
+    _read_base_provenance(info)
     notes = folder / EVALUATION_NOTES
     if notes.is_file():
         text = notes.read_text(encoding="utf-8").strip()
@@ -375,15 +402,63 @@ def _base_model_value(training_args: dict) -> str | None:
     return None
 
 
-def _base_conversion(training_args: dict | None) -> dict | None:
-    """`conversion.json` of the local folder a run continued from, when it is a converted folder."""
-    base = _base_model_value(training_args or {})
-    if not base or not (Path(base) / "conversion.json").is_file():
-        return None
+_ABSENT = object()  # a file the base folder or repo does not have (as opposed to one that could not be checked)
+
+
+def _read_base_file(base: str, name: str):
+    """`name` of the local folder or Hub repo `base`, parsed: a dict, `_ABSENT`, or None when it cannot be checked
+    (offline and not cached, network errors, an unreadable file)."""
+    folder = Path(base).expanduser()
+    if folder.is_dir():
+        path = folder / name
+        if not path.is_file():
+            return _ABSENT
+    else:
+        if _hub_id(base) is None:
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(base, name))
+        except EntryNotFoundError:
+            return _ABSENT
+        except Exception:  # offline without a cached copy, no access, network errors: unknown
+            return None
     try:
-        return json.loads((Path(base) / "conversion.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {"source": "conversion"}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def base_provenance(base: str) -> dict:
+    """What the weights of `base` (the folder or Hub repo a training run starts from) derive from, for the model card
+    of the run's output: `{"base_model", "official_weights", "conversion"}`. `official_weights` is True when `base`
+    is (or derives from) a converted original MAGE checkpoint, whose `conversion.json` is then `conversion`; False
+    when it was trained from scratch with mage-hf; None when that cannot be told (the card then needs a licence)."""
+    record = {"base_model": _hub_id(base) or Path(base).name, "official_weights": None, "conversion": None}
+    conversion = _read_base_file(base, "conversion.json")
+    if isinstance(conversion, dict):
+        return {**record, "official_weights": True, "conversion": conversion}
+    inherited = _read_base_file(base, BASE_PROVENANCE_FILE) if conversion is _ABSENT else None
+    if isinstance(inherited, dict):
+        return {**record, "official_weights": inherited.get("official_weights"),
+                "conversion": inherited.get("conversion")}
+    args = _read_base_file(base, "training_args.json") if inherited is _ABSENT else None
+    if isinstance(args, dict) and _base_model_value(args) is None:
+        record["official_weights"] = False  # trained from scratch by mage-hf's scripts
+    return record
+
+
+def write_base_provenance(output_dir: str | os.PathLike, base: str) -> dict:
+    """Record [`base_provenance`] of `base` as `base_provenance.json` in `output_dir` (the training scripts call this
+    when they start from a folder), so that the card of the output knows where its weights come from wherever
+    `mage-hf push` is run."""
+    record = base_provenance(base)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / BASE_PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def training_folder_info(folder: str | os.PathLike, training_args: dict | None = None,
@@ -410,7 +485,7 @@ def training_folder_info(folder: str | os.PathLike, training_args: dict | None =
         _read_provenance(info)
     if training_args is not None:
         info.training_args = dict(training_args)
-        info.base_conversion = _base_conversion(info.training_args)
+        _read_base_provenance(info)
     return info
 
 
@@ -469,11 +544,35 @@ def _eval_results(info: FolderInfo, model_name: str) -> list:
     return results
 
 
+def check_license(license: str | None, info: FolderInfo | None = None) -> None:
+    """Raise a [`PublishError`] unless `license` is a Hub licence identifier that fits the folder: `other` stands for
+    the MAGE authors' terms, so it is only for weights that derive from their checkpoints."""
+    if license is None:
+        return
+    if not LICENSE_ID.match(license):
+        raise PublishError(
+            f"--license {license!r} is not a Hub licence identifier (lower case, e.g. mit, apache-2.0, cc-by-4.0; "
+            "see https://huggingface.co/docs/hub/repositories-licenses)."
+        )
+    if license == "other" and info is not None and not info.from_official_weights:
+        raise PublishError(
+            "--license other is for weights that derive from the MAGE authors' checkpoints (their terms apply); these "
+            "do not. Give the Hub licence id of your weights, e.g. --license apache-2.0."
+        )
+
+
 def _license_fields(info: FolderInfo, license: str | None) -> dict[str, str]:
+    check_license(license, info)
     if license is not None and license != "other":
         return {"license": license}
-    if license == "other" or info.from_official_weights:
+    if info.from_official_weights:
         return {"license": "other", "license_name": "mage-weights", "license_link": MAGE_CODE_URL}
+    if info.unknown_base is not None:
+        raise PublishError(
+            f"These weights were trained from {info.unknown_base}, and mage-hf cannot tell where that model's weights "
+            "come from (a converted MAGE checkpoint, whose authors' terms would apply, or not): pass --license with "
+            "the licence that applies."
+        )
     return {"license": "mit"}
 
 
@@ -989,6 +1088,7 @@ def publish(
     samples: int = 8,
     steps: int = 12,
     seed: int = 0,
+    replace_readme: bool = False,
     token: str | None = None,
     space: bool = False,
     model: str | None = None,
@@ -1023,12 +1123,15 @@ def publish(
     # 1. Cheap checks first, then the Hub (before anything slow), then the load check.
     if space:
         _inspect_space(folder)
+        check_license(license)
         if model is not None and not _hub_id(model):
             raise PublishError(f"--model {model!r} is not a Hub repo id (ORG/NAME); a Space loads its model from "
                                "the Hub, so push the model first.")
         info = None
     else:
         info = inspect_folder(folder, load=False)
+        _license_fields(info, license)  # a licence that does not fit, or one that is needed, before any slow work
+        _check_own_readme(folder, replace_readme)
     staging = _staging_path(folder, output)
     api = None
     if not dry_run:
@@ -1085,14 +1188,16 @@ def publish(
                                    **({"space_sdk": "gradio"} if space else {}))
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-        if set_variable:
-            api.add_space_variable(repo_id, "MAGE_MODEL", model,
-                                   description="The model the demo serves (a Hub repo id); set by mage-hf push.")
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=staging, repo_type=repo_type, revision=revision, create_pr=create_pr,
             commit_message=f"Upload {'the Space' if space else info.class_name} with mage-hf push",
             ignore_patterns=[STAGING_MARKER],
         )
+        # Only once the new app is uploaded: the variable restarts the running Space, which must not serve the new
+        # model with the old code if the upload fails.
+        if set_variable:
+            api.add_space_variable(repo_id, "MAGE_MODEL", model,
+                                   description="The model the demo serves (a Hub repo id); set by mage-hf push.")
     except Exception as error:  # HTTP errors, permissions, network...: the staging folder is kept for a retry
         raise HubAccessError(
             f"the upload to {repo_id} failed ({type(error).__name__}: {_one_line(error, 200)}). The staging folder "
@@ -1102,6 +1207,28 @@ def publish(
     result.commit_url = getattr(commit, "commit_url", None)
     result.pr_url = getattr(commit, "pr_url", None)
     return result
+
+
+def _check_own_readme(folder: Path, replace: bool) -> None:
+    """The staged card replaces the folder's README.md: refuse when that README is the user's own (not a card that
+    mage-hf wrote, which carries the `mage-hf` tag) unless `replace`, naming its licence so that it can be kept."""
+    readme = folder / "README.md"
+    if replace or not readme.is_file():
+        return
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(readme).data.to_dict()
+    except Exception:  # unreadable front matter: certainly not a card mage-hf wrote
+        data = {}
+    if "mage-hf" in (data.get("tags") or []):
+        return
+    licence = f" Its licence is `{data['license']}`: pass --license {data['license']} to keep it." if isinstance(
+        data.get("license"), str) else ""
+    raise PublishError(
+        f"{readme} is your own README, not a card mage-hf wrote, and the upload would replace it with a generated "
+        f"model card.{licence} Pass --replace-readme to go ahead (the folder's copy stays), or move the README out."
+    )
 
 
 def _size(num_bytes: int) -> str:

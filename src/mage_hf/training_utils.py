@@ -9,6 +9,7 @@ torchvision's `RandomResizedCrop`/`Resize`/`CenterCrop` arithmetic, written with
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 
 from . import cpu_kernels
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import datasets
@@ -52,6 +55,7 @@ __all__ = [
     "to_rgb",
     "tokenize_views",
     "weights_fingerprint",
+    "record_base_model",
     "write_model_card",
 ]
 
@@ -790,14 +794,39 @@ def masked_reconstruction_grid(model, pixel_values: torch.Tensor, mask_ratio: fl
     return image_grid(rows, nrow=len(pixel_values)), accuracy
 
 
-def write_model_card(output_dir: str, repo_id: str | None, args: dict, final_loss: float | None) -> str:
+def record_base_model(output_dir: str, base: str | None, push_to_hub: bool = False) -> None:
+    """Record where the weights of `base` (the folder or Hub repo a run starts from; None: from scratch) come from, in
+    `output_dir/base_provenance.json`, for the licence and attribution of the output's model card. With `push_to_hub`,
+    stop now if that cannot be told (the card could not choose a licence at the end of the run)."""
+    if base is None:
+        return
+    from .publishing import write_base_provenance
+
+    record = write_base_provenance(output_dir, base)
+    if push_to_hub and record["official_weights"] is None:
+        raise SystemExit(
+            f"Cannot tell where the weights of {base} come from (no conversion.json, base_provenance.json or "
+            "training_args.json could be read), so the model card could not choose their licence. Train without "
+            "--push_to_hub and publish with `mage-hf push --license ...`."
+        )
+
+
+def write_model_card(output_dir: str, repo_id: str | None, args: dict, final_loss: float | None) -> str | None:
     """Write the model card (README.md) of a trained MAGE folder, listing how it was trained; return its path.
 
     It is built by `mage_hf.publishing.build_model_card` (the card `mage-hf push` writes) from `args` and the files
-    already in `output_dir`, without loading the weights. Without `repo_id` its snippets load `output_dir`."""
+    already in `output_dir`, without loading the weights. Without `repo_id` its snippets load `output_dir`. When the
+    licence of the weights cannot be told (a base model of unknown origin), no card is written (None is returned)
+    and a warning says how to publish with one."""
     from .publishing import build_model_card, training_folder_info
 
     info = training_folder_info(output_dir, training_args=args, final_loss=final_loss)
+    if info.unknown_base is not None:
+        logger.warning(
+            f"No model card written: the licence of weights trained from {info.unknown_base} cannot be told. Publish "
+            "with `mage-hf push --folder ... --license LICENCE`, which writes the card."
+        )
+        return None
     path = os.path.join(output_dir, "README.md")
     build_model_card(info, repo_id).save(path)
     return path
