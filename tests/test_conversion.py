@@ -201,7 +201,7 @@ def test_not_a_checkpoint(tmp_path):
     or a Git LFS pointer used to be reported as, since torch's weights-only unpickler fails on their first byte)."""
     cases = {
         "notes.pth": (b"hello", "it does not start like a file written by torch.save"),
-        "drive.pth": (b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning", "it is an HTML or XML page"),
+        "drive.pth": (b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan", "it is an HTML or XML page"),
         "lfs.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n", "it is a Git LFS pointer"),
         "empty.pth": (b"", "it is empty"),
     }
@@ -275,7 +275,7 @@ def test_lost_blocks_and_bad_head_counts(tmp_path):
         vq = infer_vq_config({k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")})
         infer_config(wide, "pretrain", vq, num_attention_heads=12)
     for value in (0, -2):
-        with pytest.raises(CheckpointError, match=f"--num-heads must be a positive number of attention heads, got {value}"):
+        with pytest.raises(CheckpointError, match=f"--num-heads must be a positive number of .* got {value}"):
             convert_checkpoint(save(tmp_path, "p.pth", {"model": sd}), tmp_path / "out", num_attention_heads=value,
                                decoder_num_attention_heads=4)
         assert main(["convert", "--checkpoint", str(tmp_path / "p.pth"), "--output", str(tmp_path / "out"),

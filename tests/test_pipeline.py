@@ -337,6 +337,14 @@ def test_load_bare_model_folder(pipe, tmp_path):
         MageGenerationPipeline.from_pretrained(tmp_path / "model", bogus=1)
     loaded = MageGenerationPipeline.from_pretrained(tmp_path / "model", dtype=None, torch_dtype=torch.bfloat16)
     assert loaded.model.dtype == torch.bfloat16
+    # An encoder-only or classifier folder lacks the decoder and MLM head: refused, not filled with random weights.
+    from mage_hf import MageForImageClassification, MageModel
+
+    MageModel(pipe.model.config).save_pretrained(tmp_path / "encoder")
+    MageForImageClassification(pipe.model.config).save_pretrained(tmp_path / "classifier")
+    for name, architecture in (("encoder", "MageModel"), ("classifier", "MageForImageClassification")):
+        with pytest.raises(ValueError, match=f"holds a {architecture} without .* weights generation needs"):
+            MageGenerationPipeline.from_pretrained(tmp_path / name)
     # A mistyped folder is reported as one, not as a malformed Hub repo id.
     for name in (tmp_path / "no-such-folder", "./no-such-folder", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="No such folder"):

@@ -197,6 +197,49 @@ def test_bad_uploads_are_refused_with_clear_messages(handlers, image, message):
         handlers.inpaint({"background": image, "layers": [], "composite": None}, "centre square", STEPS, 0)
 
 
+def test_decompression_bombs_are_refused_clearly(handlers, tmp_path):
+    """A 1-bit PNG of 20000 x 20000 pixels is ~76 kB on disk; PIL refuses to decode it with its own error type,
+    which neither OSError nor ValueError handling caught."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(InputError, match="far too large; it may be at most 4096 pixels"):
+        handlers.understand(str(bomb))
+
+
+def test_progress_reaches_the_request_from_the_model_thread(handlers):
+    """Handlers run on the app's one model thread; gr.Progress must still report to the request's event (Gradio
+    finds it through context variables, which a bare submit to another thread left behind: 0 updates)."""
+    import gradio as gr
+    from gradio.context import LocalContext
+    from types import SimpleNamespace
+
+    updates = []
+    queue = SimpleNamespace(set_progress=lambda event_id, iterables: updates.append(event_id))
+    LocalContext.blocks.set(SimpleNamespace(_queue=queue))
+    LocalContext.event_id.set("event-1")
+    try:
+        handlers.generate(1, STEPS, 4.5, 0, progress=gr.Progress())
+    finally:
+        LocalContext.blocks.set(None)
+        LocalContext.event_id.set(None)
+    assert len(updates) >= STEPS and set(updates) == {"event-1"}
+
+
+def test_footer_credits_the_examples_shown(tmp_path):
+    from mage_hf.gradio_app import EXAMPLES_DIR, examples_credit
+
+    assert "scikit-image" in examples_credit(sorted(EXAMPLES_DIR.glob("*.jpg")))
+    emoji = examples_credit(sorted(EMOJI_EXAMPLES.glob("*.png")))
+    assert "Noto Emoji" in emoji and "scikit-image" not in emoji
+    assert "--examples folder" in examples_credit([tmp_path / "mine.png"])
+
+
+def test_a_folder_that_is_not_a_trained_classifier_is_refused(tiny_folder):
+    with pytest.raises(SystemExit, match="is not a trained MageForImageClassification: .* missing"):
+        load_models(str(tiny_folder), classifier=str(tiny_folder / "model"), device="cpu")
+
+
 def test_unreadable_file_is_refused(handlers, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
@@ -237,6 +280,16 @@ def test_no_model_configured_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(gradio_app, "EMBEDDED_MODEL", Path("/nonexistent"))
     with pytest.raises(SystemExit, match="set MAGE_MODEL"):
         gradio_app.default_model()
+
+
+def test_mage_hf_demo_without_gradio_says_how_to_install_it(monkeypatch):
+    """Before any model loads (the app module imports Gradio only when it builds the page)."""
+    from mage_hf import cli, gradio_app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setattr(gradio_app, "main", lambda argv: pytest.fail("the app must not start"))
+    with pytest.raises(SystemExit, match=r"needs Gradio: pip install 'mage-hf\[space\]'"):
+        cli.main(["demo", "--model", "org/name"])
 
 
 def test_mage_hf_demo_runs_the_app(monkeypatch):

@@ -279,6 +279,8 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, num_images: int) ->
 
 def _demo(args: argparse.Namespace) -> int:
     try:
+        import gradio  # noqa: F401  (the app module imports it only when it builds the page, after loading models)
+
         from .gradio_app import main as run_app
     except ImportError as err:
         raise SystemExit(f"error: the demo app needs Gradio: pip install 'mage-hf[space]' ({err})") from None

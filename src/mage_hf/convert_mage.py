@@ -84,7 +84,9 @@ def _not_a_checkpoint_reason(path: Path) -> str | None:
     if head.startswith(b"version https://git-lfs"):
         return "it is a Git LFS pointer, not the file itself: run `git lfs pull` in its repository"
     if head.lstrip().startswith(b"<"):
-        return "it is an HTML or XML page (a failed download, e.g. a sign-in or virus-scan page): download the file itself"
+        return (
+            "it is an HTML or XML page (a failed download, e.g. a sign-in or virus-scan page): download the file itself"
+        )
     return "it does not start like a file written by torch.save: it may be truncated or corrupt (download it again)"
 
 

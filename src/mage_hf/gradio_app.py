@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextvars
 import functools
 import os
 import random
@@ -155,7 +156,18 @@ def load_models(model: str | None = None, classifier: str | None = None, device:
     inpaint = MageInpaintPipeline(**generate.components)
     inpaint.set_progress_bar_config(disable=True)
     classifier = classifier or os.environ.get("MAGE_CLASSIFIER")
-    head = MageForImageClassification.from_pretrained(classifier).to(device).eval() if classifier else None
+    head = None
+    if classifier:
+        head, loading = MageForImageClassification.from_pretrained(classifier, output_loading_info=True)
+        missing = sorted(loading.get("missing_keys") or [])
+        missing += sorted(str(key) for key in loading.get("mismatched_keys") or [])
+        if missing:  # e.g. a pre-training folder: its classifier head would be random
+            raise SystemExit(
+                f"--classifier {classifier} is not a trained MageForImageClassification: {len(missing)} of its weights "
+                f"are missing (e.g. {', '.join(missing[:3])}) and would be random. Give a folder written by "
+                "training/train_classifier.py or converted from a fine-tuned checkpoint."
+            )
+        head = head.to(device).eval()
     paths = example_images(str(model), examples)
     gallery = [(path.stem, Image.open(path).convert("RGB")) for path in paths]
     models = DemoModels(str(model), generate, inpaint, head, gallery, torch.empty(0), paths)
@@ -184,6 +196,10 @@ def _checked_image(image, what: str = "image") -> Image.Image:
         try:
             with Image.open(image) as opened:
                 image = opened.copy()
+        except Image.DecompressionBombError:  # a tiny file that would decode to hundreds of millions of pixels
+            raise InputError(
+                f"The {what} is far too large; it may be at most {LIMITS.max_side} pixels on each side."
+            ) from None
         except (OSError, ValueError) as error:
             raise InputError(f"The uploaded file is not an image this app can read ({error}).") from None
     if isinstance(image, np.ndarray):
@@ -264,7 +280,10 @@ def _on_model_thread(method):
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
-        return self._model_thread.submit(method, self, *args, **kwargs).result()
+        # In the request's context: gr.Progress finds its event through Gradio's context variables, which a plain
+        # submit to another thread would leave behind (the progress bar then never moved).
+        context = contextvars.copy_context()
+        return self._model_thread.submit(context.run, method, self, *args, **kwargs).result()
 
     return wrapped
 
@@ -422,6 +441,11 @@ def _checked_upload(component):
     def checked_preprocess(payload):
         try:
             return preprocess(payload)
+        except Image.DecompressionBombError as error:  # a small file that would decode to a huge image
+            raise gr.Error(
+                f"The uploaded image is far too large; it may be at most {LIMITS.max_side} pixels on each side.",
+                title="Image too large",
+            ) from error
         except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
             raise gr.Error(
                 f"The uploaded file is not an image this app can read ({type(error).__name__}). "
@@ -431,6 +455,17 @@ def _checked_upload(component):
 
     component.preprocess = checked_preprocess
     return component
+
+
+def examples_credit(paths: list[Path]) -> str:
+    """Where the example images come from, for the page's footer: the packaged photos, the packaged emoji, or the
+    user's own folder."""
+    folders = {Path(path).parent.resolve() for path in paths}
+    if folders == {EXAMPLES_DIR.resolve()}:
+        return "Example photos: scikit-image's data set (public domain / CC0)."
+    if folders == {Path(EMOJI_EXAMPLES_DIR).resolve()}:
+        return "Example emoji: Google's Noto Emoji (Apache License 2.0), composited onto white."
+    return "Example images: the app's --examples folder."
 
 
 def _model_title(name: str) -> str:
@@ -569,8 +604,8 @@ def build_demo(models: DemoModels):
                 cache_examples=True, cache_mode="lazy",
             )
         gr.Markdown(
-            "Example photos: scikit-image's data set (public domain / CC0). MAGE: Li et al., CVPR 2023 (MIT code); "
-            "the weights belong to whoever trained them (see the model card)."
+            f"{examples_credit(examples)} MAGE: Li et al., CVPR 2023 (MIT code); the weights belong to whoever "
+            "trained them (see the model card)."
         )
     demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1)
     return demo

@@ -367,7 +367,8 @@ class MageModel(MagePreTrainedModel):
         # The tokenizer takes any multiple of its down-sampling factor, but the transformer's learned position table
         # has one row per token of the training resolution: a smaller grid would be paired with the wrong rows.
         side = self.config.vq_config.resolution
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4 and pixel_values.shape[-2:] != (side, side):
+        is_batch = isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4
+        if is_batch and pixel_values.shape[-2:] != (side, side):
             height, width = pixel_values.shape[-2:]
             raise ValueError(
                 f"This model takes {side}x{side} images (a {self.config.vq_config.grid_size}x"

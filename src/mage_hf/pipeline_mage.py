@@ -322,7 +322,21 @@ class MageGenerationPipeline(DiffusionPipeline):
                     "device_map, variant, use_safetensors, model= and scheduler=."
                 )
             if model is None:
-                model = MageForMaskedImageModeling.from_pretrained(folder, dtype=dtype, **model_kwargs)
+                model, loading = MageForMaskedImageModeling.from_pretrained(
+                    folder, dtype=dtype, output_loading_info=True, **model_kwargs
+                )
+                missing = sorted(loading.get("missing_keys") or []) + sorted(
+                    str(key) for key in loading.get("mismatched_keys") or []
+                )
+                if missing:
+                    # transformers fills them with random values and only logs it: such a model generates noise.
+                    architecture = (json.loads(config_file.read_text()).get("architectures") or ["?"])[0]
+                    raise ValueError(
+                        f"{pretrained_model_name_or_path} holds a {architecture} without {len(missing)} of the weights "
+                        f"generation needs (e.g. {', '.join(missing[:3])}), which would be random. Generation takes a "
+                        "pre-training folder (MageForMaskedImageModeling: encoder, decoder and MLM head), as "
+                        "`mage-hf convert` writes from mage-vitb-1600.pth or train_mage.py writes."
+                    )
             scheduler = scheduler or MageScheduler.from_model_config(model.config)
             return cls(model=model, scheduler=scheduler)
         raise ValueError(
