@@ -269,16 +269,25 @@ def test_evaluation_notes_and_class_names_reach_the_card(folders, tmp_path, caps
     assert "evaluation.md is 65537 characters" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("processor", [True, False], ids=["with-processor", "without-processor"])
 @pytest.mark.parametrize("name", ["pipeline", "encoder", "classifier", "vq"])
-def test_usage_snippets_run(folders, tmp_path, monkeypatch, name):
-    """Every Python snippet of the card runs as written, with the repo id pointing at the local folder."""
-    card = build_model_card(inspect_folder(folders / name, load=False), REPO)
+def test_usage_snippets_run(folders, tmp_path, monkeypatch, name, processor):
+    """Every Python snippet of the card runs as written, with the repo id pointing at the local folder, also for a
+    folder saved without its preprocessor_config.json (which push accepts); so does the `features` command."""
+    folder = copy_folder(folders, name, tmp_path)
+    if not processor:
+        for config in folder.rglob("preprocessor_config.json"):
+            config.unlink()
+    card = build_model_card(inspect_folder(folder, load=False), REPO)
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (SIZE + 16, SIZE + 16), (120, 60, 30)).save("photo.png")
     blocks = python_blocks(card.text)
     assert blocks
     for block in blocks:
-        exec(compile(block.replace(REPO, str(folders / name)), "README.md", "exec"), {})  # noqa: S102
+        exec(compile(block.replace(REPO, str(folder)), "README.md", "exec"), {})  # noqa: S102
+    if name == "encoder":
+        assert f"mage-hf features --model {REPO}" in card.text
+        assert main(["features", "--model", str(folder), "photo.png", "photo.png"]) == 0
 
 
 # ------------------------------------------------------------------------------------------------------ refusals

@@ -38,7 +38,13 @@ def _features(args: argparse.Namespace) -> int:
     from . import MageImageProcessor, MageModel
 
     model = MageModel.from_pretrained(args.model).eval()
-    processor = MageImageProcessor.from_pretrained(args.model)
+    try:
+        processor = MageImageProcessor.from_pretrained(args.model)
+    except OSError:  # a folder saved without its processor config: MAGE's own preprocessing at the model's size
+        side = model.config.vq_config.resolution
+        processor = MageImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        print(f"note: {args.model} has no preprocessor_config.json; using MageImageProcessor at {side} px.",
+              file=sys.stderr)
     paths = [Path(p) for p in args.images]
     images = []
     for path in paths:

@@ -635,9 +635,12 @@ def _usage(info: FolderInfo, repo: str) -> list[str]:
     elif cls == "MageForImageClassification":
         out += _code("python", [
             "import mage_hf  # registers the MAGE classes with transformers",
+            *([] if has_processor else ["from mage_hf import MageImageProcessor"]),
             "from transformers import AutoModelForImageClassification, pipeline",
             "",
-            f'classifier = pipeline("image-classification", model="{repo}")',
+            *([] if has_processor else [processor_line]),
+            (f'classifier = pipeline("image-classification", model="{repo}")' if has_processor else
+             f'classifier = pipeline("image-classification", model="{repo}", image_processor=processor)'),
             'print(classifier("photo.png", top_k=3))',
             f'model = AutoModelForImageClassification.from_pretrained("{repo}")  # MageForImageClassification',
         ])
