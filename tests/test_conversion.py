@@ -348,6 +348,11 @@ def test_kind_override_must_fit(tmp_path):
     path = save(tmp_path, "vq.ckpt", make_original_checkpoint(OriginalShape.tiny(), "vqgan"))
     with pytest.raises(CheckpointError, match="--kind pretrain was given"):
         convert_checkpoint(path, tmp_path / "out", kind="pretrain")
+    # Options that only MAGE checkpoints take are refused rather than ignored.
+    for extra in ({"vqgan": path}, {"num_attention_heads": 2}):
+        with pytest.raises(CheckpointError, match="is a VQGAN checkpoint: --vqgan, --num-heads"):
+            convert_checkpoint(path, tmp_path / "out", **extra)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):

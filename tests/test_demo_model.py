@@ -159,3 +159,10 @@ def test_every_shipped_data_file_is_package_data():
     missing = [f for f in files if not any(
         fnmatch.fnmatch(f, pattern) and f.count("/") == pattern.count("/") for pattern in patterns)]
     assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+
+
+def test_demo_arguments_are_checked():
+    for argv in (["--per-class", "0"], ["--steps", "0"], ["--guidance-scale", "0.5"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            parse_args(argv)
+        assert info.value.code == 2, argv  # argparse's usage error, not a traceback from inside the pipeline

@@ -322,6 +322,16 @@ def test_refusals(folders, tmp_path, capsys, damage, message):
     assert not (tmp_path / "mim-hub").exists()
 
 
+def test_damaged_notes_and_metrics(folders, tmp_path, capsys):
+    source = copy_folder(folders, "mim", tmp_path)
+    # A run killed mid-write leaves a truncated last line: the losses before it still give the final loss.
+    (source / "metrics.jsonl").write_text('{"step": 1, "loss": 6.5}\n{"step": 2, "loss": 5.25}\n{"step": 3, "lo')
+    assert inspect_folder(source, load=False).final_loss == 5.25
+    (source / "evaluation.md").write_text("Notes", encoding="utf-16")
+    assert push("--folder", source, "--repo-id", REPO, "--dry-run", "--samples", 0) == 2
+    assert "evaluation.md is not UTF-8 text" in capsys.readouterr().err
+
+
 def test_pickles_in_a_pipeline_component_are_refused(folders, tmp_path, capsys):
     source = copy_folder(folders, "pipeline", tmp_path)
     (source / "model" / "diffusion_pytorch_model.pt").write_bytes(b"x")
@@ -335,6 +345,9 @@ def test_bad_arguments(folders, tmp_path, capsys):
         (["--repo-id", "no-namespace"], "ORG/NAME"),
         (["--repo-id", "a/b/c"], "not a valid repo id"),
         (["--repo-id", REPO, "--steps", "0"], "--steps >= 1"),
+        # Refused before the staging folder is replaced (generation used to fail on it after that).
+        (["--repo-id", REPO, "--seed", str(2**64 - 1)], "--seed must be between 0 and"),
+        (["--repo-id", REPO, "--seed", "-1"], "--seed must be between 0 and"),
         (["--repo-id", REPO, "--model", "org/x"], "--model only applies with --space"),
         (["--repo-id", REPO, "--output", str(folders / "mim" / "inside")], "must be outside"),
     ):

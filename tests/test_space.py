@@ -150,6 +150,17 @@ def test_inpaint_regenerates_the_brushed_cells_and_keeps_the_rest(handlers, phot
         handlers.inpaint({"background": photo, "layers": [], "composite": None}, "brush", STEPS, 0)
 
 
+def test_brushing_outside_the_centre_square_is_explained(handlers):
+    """A wide image is centre-cropped; a stroke on its left edge is cut away. The message says so, rather than that
+    the mask is empty and to use `strength=` (which the app does not offer)."""
+    wide = Image.new("RGB", (200, 64), (90, 120, 150))
+    layer = np.zeros((64, 200, 4), dtype=np.uint8)
+    layer[10:50, 0:30] = 255
+    editor = {"background": wide, "layers": [Image.fromarray(layer, "RGBA")], "composite": None}
+    with pytest.raises(InputError, match="outside the centre square the model works on"):
+        handlers.inpaint(editor, "brush", STEPS, 0)
+
+
 def test_outpaint_grows_the_canvas(handlers, photo):
     editor = {"background": photo, "layers": [], "composite": None}
     cells, result = handlers.outpaint(editor, "right", 0.25, STEPS, 0)
@@ -298,7 +309,13 @@ def test_mage_hf_demo_runs_the_app(monkeypatch):
     seen = []
     monkeypatch.setattr(gradio_app, "main", seen.append)
     assert cli.main(["demo", "--model", "org/name", "--port", "7999"]) == 0
-    assert seen == [["--host", "127.0.0.1", "--port", "7999", "--model", "org/name"]]
+    assert seen == [["--port", "7999", "--model", "org/name"]]
+    # Unset flags leave the app's defaults, which follow Gradio's environment variables as `python space/app.py` does.
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7001")
+    assert cli.main(["demo"]) == 0
+    assert seen[-1] == [] and (gradio_app.parse_args(seen[-1]).host, gradio_app.parse_args(seen[-1]).port) == (
+        "0.0.0.0", 7001)
 
 
 # ------------------------------------------------------------------------------------------- the served app (server)

@@ -292,10 +292,10 @@ def _demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: the demo app needs Gradio: pip install 'mage-hf[space]' ({err})") from None
     if args.device is not None:
         _device(args.device)  # checked as for the other commands, before Gradio starts
-    argv = ["--host", args.host, "--port", str(args.port)]
-    for flag in ("model", "classifier", "device", "examples"):
-        if getattr(args, flag):
-            argv += [f"--{flag}", getattr(args, flag)]
+    argv = []
+    for flag in ("host", "port", "model", "classifier", "device", "examples"):
+        if getattr(args, flag) is not None:  # unset: the app's default (GRADIO_SERVER_NAME/PORT, MAGE_MODEL, ...)
+            argv += [f"--{flag}", str(getattr(args, flag))]
     run_app(argv)
     return 0
 
@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--classifier", help="a MageForImageClassification folder for the Understand tab")
     demo.add_argument("--examples", help="a folder of example images (default: emoji for the embedded model, photos)")
     demo.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
-    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--host", help="address to serve on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 for "
+                      "every interface)")
+    demo.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     demo.set_defaults(func=_demo)
     return parser
 

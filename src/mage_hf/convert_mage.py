@@ -466,6 +466,11 @@ def convert_checkpoint(
     kind = kind or detected
     if kind != detected:
         raise CheckpointError(f"--kind {kind} was given, but the checkpoint has the layout of a '{detected}' checkpoint.")
+    if kind == "vqgan" and (vqgan is not None or num_attention_heads is not None or decoder_num_attention_heads):
+        raise CheckpointError(
+            f"{checkpoint} is a VQGAN checkpoint: --vqgan, --num-heads and --decoder-num-heads apply to MAGE "
+            "checkpoints only; leave them out."
+        )
 
     if kind != "vqgan":
         embedded = {k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")}

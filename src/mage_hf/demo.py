@@ -65,7 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=12, help="decoding steps")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.per_class < 1 or args.steps < 1 or args.guidance_scale < 1 or args.seed < 0:
+        parser.error("--per-class and --steps must be positive, --guidance-scale at least 1 and --seed at least 0.")
+    return args
 
 
 @torch.no_grad()

@@ -334,6 +334,11 @@ class Handlers:
                     "The mask is empty: brush over the area to regenerate, or choose a mask preset."
                 )
             mask = center_square(brushed)
+            if not np.asarray(mask).any():
+                raise InputError(
+                    "The brushed area lies outside the centre square the model works on (images are centre-cropped "
+                    "to a square): brush inside the middle of the image, or crop it first."
+                )
         else:
             mask = _preset_mask(preset, min(image.size))
         square = center_square(image)  # transparent areas are composited onto white by the pipeline

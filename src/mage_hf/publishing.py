@@ -262,18 +262,30 @@ def _read_provenance(info: FolderInfo) -> None:
     _read_base_provenance(info)
     notes = folder / EVALUATION_NOTES
     if notes.is_file():
-        text = notes.read_text(encoding="utf-8").strip()
+        try:
+            text = notes.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise PublishError(
+                f"{notes} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8."
+            ) from None
         if len(text) > MAX_EVALUATION_NOTES:
             raise PublishError(f"{notes} is {len(text)} characters; the card takes at most {MAX_EVALUATION_NOTES}.")
         info.evaluation_notes = text or None
     metrics = folder / "metrics.jsonl"
     if info.final_loss is None and metrics.is_file():  # train_mage.py's per-step log: the last loss it recorded
+        losses = []
         try:
-            losses = [json.loads(line).get("loss") for line in metrics.read_text().splitlines() if line.strip()]
-            losses = [loss for loss in losses if isinstance(loss, (int, float))]
-            info.final_loss = float(losses[-1]) if losses else None
-        except (OSError, json.JSONDecodeError, AttributeError):
-            pass
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        for line in lines:
+            try:  # line by line: a run killed mid-write leaves a truncated last line, which must not hide the rest
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("loss"), (int, float)):
+                losses.append(float(record["loss"]))
+        info.final_loss = losses[-1] if losses else None
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:
@@ -1118,6 +1130,8 @@ def publish(
     _validate_repo_id(repo_id)
     if samples < 0 or steps < 1:
         raise PublishError(f"--samples must be >= 0 and --steps >= 1, got {samples} and {steps}.")
+    if not 0 <= seed <= 2**63 - 1 - samples:  # image i is seeded seed + i (torch.Generator.manual_seed's range)
+        raise PublishError(f"--seed must be between 0 and {2**63 - 1 - samples} for {samples} samples, got {seed}.")
     if model is not None and not space:
         raise PublishError("--model only applies with --space (it names the model the Space serves).")
     repo_type = "space" if space else "model"
