@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU build of torch (and the torchvision made for it); a bare `torch` requirement would pull a multi-GB CUDA
 # build. The constraints file keeps later installs from replacing it.
 CONSTRAINTS ?= constraints-cpu.txt
+# Where the CPU build comes from: PyPI's torch wheels for Linux are the CUDA build. (Wheels in a local find-links
+# folder are taken too.)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 OUTPUT ?= outputs
 
@@ -14,7 +17,7 @@ OUTPUT ?= outputs
 $(VENV)/.core: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch
+	$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) -c $(CONSTRAINTS) torch
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
@@ -31,7 +34,7 @@ demo: $(VENV)/.core
 
 # Rebuild the embedded demo model from scratch (about an hour and a half on 2 CPU cores; see training/recipes/emoji).
 demo-model: install
-	bash training/recipes/emoji/train.sh $(OUTPUT)/emoji-recipe
+	SHIP=1 bash training/recipes/emoji/train.sh $(OUTPUT)/emoji-recipe
 
 # The whole suite: the default selection, the real-size (slow) checks, then the FID/IS (eval) checks.
 test: install

@@ -35,6 +35,9 @@ def test_features_command(converted, photos, tmp_path, capsys):
     inputs = MageImageProcessor.from_pretrained(converted["pretrain"])([Image.open(p) for p in photos], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(saved["pooler_output"], model(**inputs).pooler_output, atol=1e-6)
+    # One image: the pooled class position is a view of last_hidden_state, which safetensors refused to save.
+    assert main(["features", "--model", str(converted["pretrain"]), str(photos[0]), "--output", str(out)]) == 0
+    assert load_file(str(out))["pooler_output"].shape == (1, 64)
 
 
 def test_features_command_rejects_a_non_image(converted, tmp_path):

@@ -322,6 +322,14 @@ def test_save_and_load_local_folder(pipe, tmp_path):
     assert torch.equal(loaded(**kwargs, generator=gens(4, 5)).images, pipe(**kwargs, generator=gens(4, 5)).images)
     # The inpainting pipeline loads the same folder.
     assert isinstance(MageInpaintPipeline.from_pretrained(tmp_path / "pipe"), MageInpaintPipeline)
+    # transformers loads the model folder with its image processor, as it does a converted folder.
+    from transformers import AutoImageProcessor, pipeline
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "pipe", subfolder="model")
+    assert processor.crop_size == {"height": pipe.resolution, "width": pipe.resolution}
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path / "pipe" / "model"))
+    features = extractor(photo_images(64)[0], return_tensors=True)
+    assert features.shape == (1, pipe.model.config.num_image_tokens + 1, pipe.model.config.hidden_size)
 
 
 def test_load_bare_model_folder(pipe, tmp_path):

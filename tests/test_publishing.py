@@ -154,7 +154,7 @@ def test_dry_run_pipeline_folder(folders, tmp_path, capsys):
 
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
     assert files == sorted([".mage-hf-staging", "README.md", "base_provenance.json", "model/config.json",
-                            "model/model.safetensors",
+                            "model/model.safetensors", "model/preprocessor_config.json",
                             "model_index.json", "samples.png", "scheduler/scheduler_config.json",
                             "training_args.json"])
     staged_args = json.loads((staging / "training_args.json").read_text())
@@ -547,6 +547,11 @@ def test_write_model_card_without_loading(tmp_path):
     assert card.data.license == "mit" and card.data.library_name == "mage-hf"
     assert card.data.datasets == ["someone/emoji"] and card.data.pipeline_tag == "unconditional-image-generation"
     assert "| learning_rate | 0.001 |" in card.text and "Final training loss: 1.2346" in card.text
+    # --max_train_steps overrides --num_train_epochs, whose default would otherwise read as the length of the run.
+    for extra, epochs_shown in (({"num_train_epochs": 3.0}, True), ({"num_train_epochs": 1.0, "max_train_steps": 50},
+                                                                     False)):
+        text = ModelCard.load(write_model_card(str(out), None, {**args, **extra}, None)).text
+        assert ("| num_train_epochs |" in text) == epochs_shown and ("| max_train_steps | 50 |" in text) != epochs_shown
     assert 'from_pretrained("me/mage-emoji")' in card.text and "hf_secret" not in card.text
 
     local = tmp_path / "local-data"

@@ -65,8 +65,8 @@ def _features(args: argparse.Namespace) -> int:
             row = "  ".join(f"{v:+.3f}" for v in similarity[i].tolist())
             print(f"  {path.name:>24}  {row}")
     if args.output:
-        save_file({"pooler_output": pooled.contiguous(), "last_hidden_state": outputs.last_hidden_state.contiguous()},
-                  args.output)
+        # Copies: the pooled class position can be a view of last_hidden_state (one image), which safetensors refuses.
+        save_file({"pooler_output": pooled.clone(), "last_hidden_state": outputs.last_hidden_state.clone()}, args.output)
         print(f"Wrote {args.output}.")
     return 0
 

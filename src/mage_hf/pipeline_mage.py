@@ -344,6 +344,23 @@ class MageGenerationPipeline(DiffusionPipeline):
             "(config.json with model_type 'mage'). Convert a checkpoint with `mage-hf convert` or train one first."
         )
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained`, with the model's image processor config (`MageImageProcessor` at the
+        model's resolution) also written into `model/`, so that transformers' `AutoImageProcessor` and pipelines
+        (`pipeline("image-feature-extraction", model=folder + "/model")`) load that folder as they load a converted
+        one. With `push_to_hub`, the upload includes it."""
+        from .image_processing_mage import MageImageProcessor
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        model_dir = Path(save_directory) / "model"
+        if model_dir.is_dir() and not (model_dir / "preprocessor_config.json").is_file():
+            side = self.resolution
+            MageImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+                model_dir
+            )
+        if push_to_hub:  # diffusers uploads the folder as its last step: again, now that the folder is complete
+            super().save_pretrained(save_directory, *args, push_to_hub=True, **kwargs)
+
     # ------------------------------------------------------------------ properties
 
     @property

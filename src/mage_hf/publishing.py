@@ -742,8 +742,8 @@ def _provenance(info: FolderInfo) -> list[str]:
                 "| setting | value |", "| --- | --- |"]
         for key in TRAINING_TABLE_KEYS:
             value = args.get(key)
-            if value is None:
-                continue
+            if value is None or (key == "num_train_epochs" and args.get("max_train_steps") is not None):
+                continue  # (--max_train_steps overrides --num_train_epochs: its default would mislead)
             if key in ("dataset_name", "train_data_dir", "pretrained_model") and not _hub_id(value):
                 value = f"local folder `{Path(str(value)).name}`"
             out.append(f"| {key} | {value} |")

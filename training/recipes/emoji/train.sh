@@ -48,5 +48,10 @@ JSON
 "$PY" training/recipes/emoji/evaluate.py --data "$WORK/data" --vq "$WORK/vq" --mage "$WORK/mage" \
     --output "$WORK/eval" --seed $SEED --probe_epochs ${PROBE_EPOCHS:-20}
 
-# 5. Ship it as the package's embedded demo model (src/mage_hf/data/demo-model).
-"$PY" training/recipes/emoji/ship.py --pipeline "$WORK/eval/pipeline"
+# 5. Ship it as the package's embedded demo model (src/mage_hf/data/demo-model), which it replaces: only when asked
+#    (SHIP=1, as `make demo-model` sets), so that a trial run leaves the shipped model alone.
+if [ "${SHIP:-0}" = "1" ]; then
+    "$PY" training/recipes/emoji/ship.py --pipeline "$WORK/eval/pipeline"
+else
+    echo "Not shipped (SHIP=1 replaces src/mage_hf/data/demo-model with $WORK/eval/pipeline)."
+fi
