@@ -237,6 +237,9 @@ def test_output_folder_is_never_mixed_or_lost(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "out", "pre.pth"]
 
     convert_checkpoint(path, out, overwrite=True, **h)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temporary folder
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "conversion.json", "model.safetensors", "preprocessor_config.json"
     ]

@@ -19,6 +19,7 @@ model folder under `mage.vq_model.*`.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
 import shutil
@@ -466,7 +467,7 @@ def convert_checkpoint(
     kind = kind or detected
     if kind != detected:
         raise CheckpointError(f"--kind {kind} was given, but the checkpoint has the layout of a '{detected}' checkpoint.")
-    if kind == "vqgan" and (vqgan is not None or num_attention_heads is not None or decoder_num_attention_heads):
+    if kind == "vqgan" and any(x is not None for x in (vqgan, num_attention_heads, decoder_num_attention_heads)):
         raise CheckpointError(
             f"{checkpoint} is a VQGAN checkpoint: --vqgan, --num-heads and --decoder-num-heads apply to MAGE "
             "checkpoints only; leave them out."
@@ -518,6 +519,9 @@ def convert_checkpoint(
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the output folder gets the usual mode
     try:
         _write_folder(model, probe, kind, config, staging)
         write_conversion_record(staging, checkpoint, kind, mapped=len(converted), max_abs_diff=max_diff, vqgan=vqgan)
