@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # build. The constraints file keeps later installs from replacing it.
 CONSTRAINTS ?= constraints-cpu.txt
 # Where the CPU build comes from: PyPI's torch wheels for Linux are the CUDA build. (Wheels in a local find-links
-# folder are taken too.)
+# folder are taken too.) Only torch itself: its dependencies come from the usual index with the package's.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 OUTPUT ?= outputs
@@ -17,7 +17,7 @@ OUTPUT ?= outputs
 $(VENV)/.core: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) -c $(CONSTRAINTS) torch
+	$(PY) -m pip install --quiet --no-deps --index-url $(TORCH_INDEX) -c $(CONSTRAINTS) torch
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
