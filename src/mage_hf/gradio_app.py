@@ -35,7 +35,7 @@ from PIL import Image
 
 from .demo import EMBEDDED_MODEL
 from .demo import EXAMPLE_EMOJI as EMOJI_EXAMPLES_DIR
-from .modeling_mage import MageForImageClassification
+from .modeling_mage import MageForImageClassification, random_weights
 from .pipeline_mage import (
     OUTPAINT_DIRECTIONS,
     MageGenerationPipeline,
@@ -159,8 +159,7 @@ def load_models(model: str | None = None, classifier: str | None = None, device:
     head = None
     if classifier:
         head, loading = MageForImageClassification.from_pretrained(classifier, output_loading_info=True)
-        missing = sorted(loading.get("missing_keys") or [])
-        missing += sorted(str(key) for key in loading.get("mismatched_keys") or [])
+        missing = random_weights(loading)
         if missing:  # e.g. a pre-training folder: its classifier head would be random
             raise SystemExit(
                 f"--classifier {classifier} is not a trained MageForImageClassification: {len(missing)} of its weights "

@@ -197,6 +197,14 @@ class MageMLP(nn.Module):
         return cpu_kernels.dropout(out, self.dropout, self.training, inplace=cpu_kernels.outputs_private(self.fc2))
 
 
+def random_weights(loading_info: dict) -> list[str]:
+    """The weights that `from_pretrained(..., output_loading_info=True)` could not load (missing from the files, or of
+    another shape), sorted. transformers fills them with random values and only logs it, so a folder of another kind
+    (an encoder loaded as a generator, a pre-training folder as a classifier) would run with a random head."""
+    missing = sorted(str(key) for key in loading_info.get("missing_keys") or [])
+    return missing + sorted(str(key) for key in loading_info.get("mismatched_keys") or [])
+
+
 def _check_extra_kwargs(kwargs: dict, ignored: tuple[str, ...], model: str) -> None:
     """A mistyped or unsupported argument must not be dropped silently; only `ignored` ones (what generic callers pass
     to every MAGE model) are."""

@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from .modeling_mage import MageForMaskedImageModeling
+from .modeling_mage import MageForMaskedImageModeling, random_weights
 from .scheduling_mage import GeneratorArg, MageScheduler
 from .training_utils import to_rgb
 
@@ -325,11 +325,8 @@ class MageGenerationPipeline(DiffusionPipeline):
                 model, loading = MageForMaskedImageModeling.from_pretrained(
                     folder, dtype=dtype, output_loading_info=True, **model_kwargs
                 )
-                missing = sorted(loading.get("missing_keys") or []) + sorted(
-                    str(key) for key in loading.get("mismatched_keys") or []
-                )
-                if missing:
-                    # transformers fills them with random values and only logs it: such a model generates noise.
+                missing = random_weights(loading)
+                if missing:  # such a model would generate noise
                     architecture = (json.loads(config_file.read_text()).get("architectures") or ["?"])[0]
                     raise ValueError(
                         f"{pretrained_model_name_or_path} holds a {architecture} without {len(missing)} of the weights "

@@ -368,6 +368,7 @@ def inspect_folder(folder: str | os.PathLike, load: bool = True) -> FolderInfo:
 def _check_loads(info: FolderInfo) -> None:
     """Load the folder with `from_pretrained` (the model with `output_loading_info`, then the pipeline around it)."""
     import mage_hf
+    from mage_hf.modeling_mage import random_weights
 
     path = info.path
     try:
@@ -382,7 +383,7 @@ def _check_loads(info: FolderInfo) -> None:
             f"{path} would not load: {type(error).__name__}: {_one_line(error)}. Re-save it with save_pretrained "
             "(or convert the checkpoint again)."
         ) from error
-    missing = sorted(loading.get("missing_keys") or []) + sorted(str(k) for k in loading.get("mismatched_keys") or [])
+    missing = random_weights(loading)
     if missing:
         raise PublishError(
             f"{path} would not load: {len(missing)} weights are missing from its safetensors or have the wrong shape "
