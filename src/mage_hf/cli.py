@@ -66,7 +66,8 @@ def _features(args: argparse.Namespace) -> int:
             print(f"  {path.name:>24}  {row}")
     if args.output:
         # Copies: the pooled class position can be a view of last_hidden_state (one image), which safetensors refuses.
-        save_file({"pooler_output": pooled.clone(), "last_hidden_state": outputs.last_hidden_state.clone()}, args.output)
+        tensors = {"pooler_output": pooled.clone(), "last_hidden_state": outputs.last_hidden_state.clone()}
+        save_file(tensors, args.output)
         print(f"Wrote {args.output}.")
     return 0
 
