@@ -163,8 +163,8 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator()
     output_dir = Path(args.output_dir)
 
-    pipe = MageGenerationPipeline.from_pretrained(args.model)
-    pipe.model.to(DTYPES[args.dtype])
+    # Loaded in the dtype (not cast after loading): the tokenizer then stays in float32 with unrounded weights.
+    pipe = MageGenerationPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     settings = sampling_settings(args, pipe)  # the checksum is taken in the dtype the images are sampled in
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)

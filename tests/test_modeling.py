@@ -462,6 +462,46 @@ def test_half_precision_forward(images, dtype):
     assert abs(half.loss.item() - reference.loss.item()) < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loading_in_half_precision_keeps_the_tokenizer_in_float32(images, tmp_path, dtype):
+    """`from_pretrained(dtype=...)` casts the transformer only: the tokenizer keeps its float32 weights exactly
+    (cast and upcast later, a float16 codebook was off by ~1e-3 and the decode by up to 2e-2), and a half-precision
+    model takes half-precision pixels."""
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    for cls, vq_of, transformer_of in (
+        (MageForMaskedImageModeling, lambda m: m.mage.vq_model, lambda m: m.decoder),
+        (MageModel, lambda m: m.vq_model, lambda m: m.encoder),
+    ):
+        half = cls.from_pretrained(tmp_path, dtype=dtype).eval()
+        assert next(transformer_of(half).parameters()).dtype == dtype
+        vq = vq_of(half)
+        assert all(p.dtype == torch.float32 for p in vq.parameters())
+        reference = model.mage.vq_model.state_dict()
+        assert all(torch.equal(value, reference[name]) for name, value in vq.state_dict().items())
+        with torch.no_grad():
+            ids = (half.mage if cls is MageForMaskedImageModeling else half).tokenize(images.to(dtype))
+        assert torch.equal(ids, model.mage.tokenize(images.to(dtype).float()))
+
+
+def test_the_frozen_tokenizer_ignores_autocast(images):
+    """Under a mixed-precision region (train_classifier.py calls the model on pixels inside `accelerator.autocast()`)
+    the tokenizer gives the ids it gives outside one: before, its convolutions and nearest-code search ran in
+    bfloat16 and most ids of this model changed."""
+    model = MageForMaskedImageModeling(tiny_config()).eval()
+    with torch.no_grad():
+        reference = model.mage.tokenize(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model.mage.tokenize(images), reference)
+            decoded = model.mage.vq_model.decode(reference.view(2, 16, 16))
+        assert decoded.dtype == torch.float32
+        assert torch.equal(decoded, model.mage.vq_model.decode(reference.view(2, 16, 16)))
+        # The nearest-code search alone, on half-precision latents, is done in float32 too.
+        latents = model.mage.vq_model.encode(images).latents
+        half = latents.to(torch.bfloat16)
+        assert torch.equal(model.mage.vq_model.quantize(half), model.mage.vq_model.quantize(half.float()))
+
+
 def test_codebook_is_initialised_as_documented():
     """taming's uniform +-1/K, in the tokenizer alone and inside MAGE (transformers initialises module by module)."""
     torch.manual_seed(0)

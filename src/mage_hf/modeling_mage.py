@@ -77,6 +77,15 @@ class MageMaskedImageModelingOutput(ModelOutput):
     contrastive_embeddings: torch.FloatTensor | None = None
 
 
+def uniform_float64(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """`torch.rand(shape, dtype=float64)` on the generator's device (the CPU without one). Apple's MPS has no float64:
+    there the draw is float32, converted on the CPU."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    if device.type == "mps":
+        return torch.rand(shape, generator=generator, device=device).cpu().double()
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+
+
 def sample_mask_ratio(config: MageConfig, generator: torch.Generator | None = None) -> float:
     """Draw MAGE's masking ratio from the truncated normal N(mu, std) on [mask_ratio_min, mask_ratio_max], by
     inverting the normal CDF on a uniform draw from `generator`."""
@@ -84,7 +93,7 @@ def sample_mask_ratio(config: MageConfig, generator: torch.Generator | None = No
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
     low = normal.cdf(torch.tensor((config.mask_ratio_min - mu) / std, dtype=torch.float64))
     high = normal.cdf(torch.tensor((config.mask_ratio_max - mu) / std, dtype=torch.float64))
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu").cpu()
+    u = uniform_float64((), generator).cpu()
     ratio = mu + std * normal.icdf(low + u * (high - low))
     return float(ratio.clamp(config.mask_ratio_min, config.mask_ratio_max))
 
@@ -308,6 +317,19 @@ class MagePreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["MageLayer", "MageVQResnetBlock"]
+    # The tokenizer stays in float32 when the model is loaded in float16 or bfloat16 (`from_pretrained(dtype=...)`):
+    # its decoder's activations overflow float16, its nearest-code search needs the precision, and a codebook rounded
+    # at load time could not be restored by upcasting later.
+    _keep_in_fp32_modules_strict = ["vq_model"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the transformer (the tokenizer's parameters stay in float32 when the model is loaded in half
+        precision, and it is registered first)."""
+        for name, param in self.named_parameters():
+            if param.is_floating_point() and "vq_model." not in name:
+                return param.dtype
+        return super().dtype
     _supports_sdpa = True
     # A pre-training folder loads into the encoder or a classifier too; its decoder and MLM head are then unused.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mlm_head\."]

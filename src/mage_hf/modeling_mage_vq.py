@@ -10,6 +10,8 @@ prefix change.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,13 @@ from . import cpu_kernels
 from .configuration_mage import MageVQConfig
 
 __all__ = ["MageVQModel", "MageVQEncoderOutput", "MageVQPreTrainedModel"]
+
+
+def _no_autocast(device: torch.device):
+    """A region without autocast on `device` (nothing to turn off on devices autocast does not support)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -225,10 +234,13 @@ class MageVQQuantizer(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.LongTensor:
         batch_size, channels, height, width = latents.shape
-        flat = latents.permute(0, 2, 3, 1).reshape(-1, channels)  # (B*h*w, C), row-major over the grid
-        codebook = self.embedding.weight.to(flat.dtype)
-        # ||z||^2 + ||e||^2 - 2 z.e, summed in this order as in the original, so ties break identically.
-        distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        # In float32 whatever the latents' dtype or an enclosing autocast: in half precision ~1% of the ids of a
+        # 1024-code codebook flip (bf16), and the tokens would differ between mixed-precision training and use.
+        with _no_autocast(latents.device):
+            flat = latents.permute(0, 2, 3, 1).reshape(-1, channels).float()  # (B*h*w, C), row-major over the grid
+            codebook = self.embedding.weight.float()
+            # ||z||^2 + ||e||^2 - 2 z.e, summed in this order as in the original, so ties break identically.
+            distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
         return distances.argmin(dim=1).reshape(batch_size, height, width)  # (B, h, w)
 
     def lookup(self, token_ids: torch.LongTensor) -> torch.Tensor:
@@ -330,7 +342,10 @@ class MageVQModel(MageVQPreTrainedModel):
             `(token_ids, quantized, latents)` when `return_dict=False`.
         """
         self._check_pixels(pixel_values)
-        latents = self.encoder(pixel_values.to(self.dtype), channels_last=channels_last)
+        # The frozen tokenizer runs in its own dtype even inside an autocast region (a mixed-precision training step
+        # that calls the model on pixels), so that its ids are those it gives outside one.
+        with _no_autocast(pixel_values.device):
+            latents = self.encoder(pixel_values.to(self.dtype), channels_last=channels_last)
         token_ids = self.quantize(latents)
         quantized = self.quantize.lookup(token_ids)
         if not return_dict:
@@ -343,12 +358,13 @@ class MageVQModel(MageVQPreTrainedModel):
             raise ValueError(
                 f"quantized latents must have shape (batch, {self.config.embed_dim}, h, w), got {tuple(quantized.shape)}."
             )
-        return self.decoder(quantized.to(self.dtype))
+        with _no_autocast(quantized.device):  # in its own dtype, as `encode`
+            return self.decoder(quantized.to(self.dtype))
 
     def decode(self, token_ids: torch.LongTensor) -> torch.Tensor:
         """Decode codebook ids `(batch_size, h, w)` to images `(batch_size, num_channels, H, W)` in about [0, 1]."""
         self.check_token_ids(token_ids)
-        return self.decoder(self.quantize.lookup(token_ids))
+        return self.decode_latents(self.quantize.lookup(token_ids))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Reconstruct images through the codebook: `decode(encode(pixel_values))`."""

@@ -169,7 +169,7 @@ def prepare_mask(mask_image, batch_size: int, image_size: int) -> torch.Tensor:
     if mask.ndim in (3, 4) and mask.shape[-1] in (1, 3) and tuple(mask.shape[-3:-1]) == (image_size, image_size):
         # Colour last: (H, W, C) or (B, H, W, C) -> grey, with PIL's "L" weights.
         if mask.shape[-1] == 3:
-            mask = mask @ torch.tensor([0.299, 0.587, 0.114])
+            mask = mask @ torch.tensor([0.299, 0.587, 0.114], device=mask.device)
         else:
             mask = mask[..., 0]
     if mask.ndim == 2:
