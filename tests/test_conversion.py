@@ -267,15 +267,15 @@ def test_lost_blocks_and_bad_head_counts(tmp_path):
     with pytest.raises(CheckpointError, match=r"has blocks.1 but no blocks.0.\*: blocks are missing"):
         convert_checkpoint(save(tmp_path, "a.pth", {"model": no_first}), tmp_path / "out", **h)
     # The released decoders have 8 blocks: a ViT-B-wide decoder of another depth is not taken for one.
-    with pytest.raises(CheckpointError, match="768 wide and 7 deep, not a released shape.*--decoder-num-heads"):
-        from mage_hf.convert_mage import infer_config, infer_vq_config
+    from mage_hf.convert_mage import infer_config, infer_vq_config
 
-        wide = {k: v for k, v in sd.items()}
-        wide["token_emb.word_embeddings.weight"] = torch.zeros(sd["token_emb.word_embeddings.weight"].shape[0], 768)
-        wide["decoder_embed.weight"] = torch.zeros(768, 768)
-        for i in range(7):
-            wide[f"decoder_blocks.{i}.mlp.fc1.weight"] = torch.zeros(3072, 768)
-        vq = infer_vq_config({k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")})
+    wide = dict(sd)
+    wide["token_emb.word_embeddings.weight"] = torch.zeros(sd["token_emb.word_embeddings.weight"].shape[0], 768)
+    wide["decoder_embed.weight"] = torch.zeros(768, 768)
+    for i in range(7):
+        wide[f"decoder_blocks.{i}.mlp.fc1.weight"] = torch.zeros(3072, 768)
+    vq = infer_vq_config({k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")})
+    with pytest.raises(CheckpointError, match="768 wide and 7 deep, not a released shape.*--decoder-num-heads"):
         infer_config(wide, "pretrain", vq, num_attention_heads=12)
     for value in (0, -2):
         with pytest.raises(CheckpointError, match=f"--num-heads must be a positive number of .* got {value}"):

@@ -457,9 +457,7 @@ def main(args: argparse.Namespace) -> dict:
     results = {"mode": args.mode, "top1": top1, "num_validation_images": len(val_set), "step": global_step}
     if accelerator.is_main_process:
         classifier.save_pretrained(args.output_dir)
-        MageImageProcessor(
-            size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
-        ).save_pretrained(args.output_dir)
+        MageImageProcessor(size=resolution, crop_size=resolution).save_pretrained(args.output_dir)
         (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
         logger.info(
             "Saved the classifier to %s: top-1 %.2f%% on %d held-out images", args.output_dir, top1, len(val_set)

@@ -459,9 +459,7 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped.save_pretrained(args.output_dir)
-        crop = {"height": resolution, "width": resolution}
-        processor = MageImageProcessor(size={"shortest_edge": resolution}, crop_size=crop)
-        processor.save_pretrained(args.output_dir)
+        MageImageProcessor(size=resolution, crop_size=resolution).save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             # Never the Hub token: this file is uploaded with the model.
             json.dump({k: v for k, v in vars(args).items() if k != "hub_token"}, f, indent=2)

@@ -421,10 +421,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.save_pretrained(args.output_dir)
-        res = args.resolution
-        MageImageProcessor(size={"shortest_edge": res}, crop_size={"height": res, "width": res}).save_pretrained(
-            args.output_dir
-        )
+        MageImageProcessor(size=args.resolution, crop_size=args.resolution).save_pretrained(args.output_dir)
         results = {"step": global_step, "codebook_usage": tracker.usage(), "codebook_perplexity": tracker.perplexity()}
         if val_pixels is not None:
             results["val_psnr"] = log_reconstructions(accelerator, model, val_pixels, args, global_step)

@@ -42,7 +42,7 @@ def _features(args: argparse.Namespace) -> int:
         processor = MageImageProcessor.from_pretrained(args.model)
     except OSError:  # a folder saved without its processor config: MAGE's own preprocessing at the model's size
         side = model.config.vq_config.resolution
-        processor = MageImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        processor = MageImageProcessor(size=side, crop_size=side)
         print(f"note: {args.model} has no preprocessor_config.json; using MageImageProcessor at {side} px.",
               file=sys.stderr)
     paths = [Path(p) for p in args.images]

@@ -423,9 +423,7 @@ def _write_folder(model, probe: torch.Tensor, kind: str, config, folder: Path) -
 
     model.save_pretrained(folder)
     resolution = config.resolution if kind == "vqgan" else config.vq_config.resolution
-    MageImageProcessor(
-        size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution}
-    ).save_pretrained(folder)
+    MageImageProcessor(size=resolution, crop_size=resolution).save_pretrained(folder)
     reloaded = type(model).from_pretrained(folder).eval()
     again = _probe(reloaded, kind, torch.Generator().manual_seed(0))
     if not torch.equal(probe, again):

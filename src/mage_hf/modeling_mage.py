@@ -77,13 +77,14 @@ class MageMaskedImageModelingOutput(ModelOutput):
     contrastive_embeddings: torch.FloatTensor | None = None
 
 
-def uniform_float64(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    """`torch.rand(shape, dtype=float64)` on the generator's device (the CPU without one). Apple's MPS has no float64:
-    there the draw is float32, converted on the CPU."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    if device.type == "mps":
+def rand_on_device(
+    shape: tuple[int, ...], generator: torch.Generator | None, device, dtype: torch.dtype
+) -> torch.Tensor:
+    """`torch.rand` of `dtype` on `device` from `generator`. Apple's MPS has no float64: a float64 draw there is a
+    float32 draw, converted on the CPU."""
+    if torch.device(device).type == "mps" and dtype == torch.float64:
         return torch.rand(shape, generator=generator, device=device).cpu().double()
-    return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
 
 
 def sample_mask_ratio(config: MageConfig, generator: torch.Generator | None = None) -> float:
@@ -93,7 +94,7 @@ def sample_mask_ratio(config: MageConfig, generator: torch.Generator | None = No
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
     low = normal.cdf(torch.tensor((config.mask_ratio_min - mu) / std, dtype=torch.float64))
     high = normal.cdf(torch.tensor((config.mask_ratio_max - mu) / std, dtype=torch.float64))
-    u = uniform_float64((), generator).cpu()
+    u = rand_on_device((), generator, generator.device if generator is not None else "cpu", torch.float64).cpu()
     ratio = mu + std * normal.icdf(low + u * (high - low))
     return float(ratio.clamp(config.mask_ratio_min, config.mask_ratio_max))
 

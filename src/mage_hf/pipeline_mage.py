@@ -351,10 +351,7 @@ class MageGenerationPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, *args, **kwargs)
         model_dir = Path(save_directory) / "model"
         if model_dir.is_dir() and not (model_dir / "preprocessor_config.json").is_file():
-            side = self.resolution
-            MageImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
-                model_dir
-            )
+            MageImageProcessor(size=self.resolution, crop_size=self.resolution).save_pretrained(model_dir)
         if push_to_hub:  # diffusers uploads the folder as its last step: again, now that the folder is complete
             super().save_pretrained(save_directory, *args, push_to_hub=True, **kwargs)
 

@@ -21,6 +21,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .modeling_mage import rand_on_device
+
 __all__ = ["MageScheduler", "MageSchedulerOutput", "MASKING_SCHEDULES", "mask_schedule"]
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
@@ -43,14 +45,6 @@ def mask_schedule(name: str, ratio: float) -> float:
     return MASKING_SCHEDULES[name](ratio)
 
 
-def _rand(shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`torch.rand` on `device`; float64 draws on Apple's MPS (which has no float64) are float32 draws converted on
-    the CPU."""
-    if torch.device(device).type == "mps" and dtype == torch.float64:
-        return torch.rand(shape, generator=generator, device=device).cpu().double()
-    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-
-
 def _uniform(shape: tuple[int, ...], generator: GeneratorArg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Uniform noise in (0, 1) of `shape` (batch first). With a list of generators, row `i` comes from generator `i`
     alone, so an image's draws do not depend on the rest of the batch. Drawn on the generator's device (a CPU
@@ -58,10 +52,10 @@ def _uniform(shape: tuple[int, ...], generator: GeneratorArg, device: torch.devi
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per image.")
-        u = torch.stack([_rand(shape[1:], g, g.device, dtype).to(device) for g in generator])
+        u = torch.stack([rand_on_device(shape[1:], g, g.device, dtype).to(device) for g in generator])
     else:
         gen_device = generator.device if generator is not None else device
-        u = _rand(shape, generator, gen_device, dtype).to(device)
+        u = rand_on_device(shape, generator, gen_device, dtype).to(device)
     # torch.rand is in [0, 1); keep the logs finite.
     return u.clamp_(min=torch.finfo(dtype).tiny, max=1.0 - torch.finfo(dtype).eps)
 
