@@ -267,6 +267,38 @@ def test_discriminator_hinge_and_adaptive_weight():
     assert adaptive_adversarial_weight(rec, 1e-9 * adv, layer.weight, max_weight=50.0).item() == 50.0
 
 
+def test_adaptive_weight_under_float16_takes_the_loss_scale():
+    """Under float16 autocast the gradients flow back through float16 activations; a mean over a large batch gives
+    each pixel a gradient below float16's normal range, and unscaled the reconstruction norm underflowed. With the
+    loss scale (what `train_vqgan.py` passes from the GradScaler) the weight is the one the same float16 forward
+    pass gives where nothing underflows."""
+    torch.manual_seed(0)
+    model = MageVQModel(tiny_vq_config(resolution=64))
+    wrapper = MageVQForTraining(model)
+    disc = PatchGANDiscriminator(3, base_channels=16, num_layers=2)
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    last = model.decoder.conv_out.weight
+
+    def weight(batch_factor: float, grad_scale=None, autocast: bool = True) -> float:
+        # `batch_factor` 1/512 stands for the mean over 512 times as many pixels (a batch of 64 at 256x256), which
+        # leaves per-pixel gradients ~1e-7. The weight is a ratio of norms, so the factor cancels out of it.
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            recon = wrapper(pixels).reconstruction
+            rec = (recon.float() - pixels).abs().mean() * batch_factor
+            adv = -disc(recon).float().mean() * batch_factor
+            return adaptive_adversarial_weight(rec, adv, last, eps=0.0, grad_scale=grad_scale).item()
+
+    # The same float16 forward pass, differentiated where nothing underflows (per-pixel gradients ~2.6 after scaling).
+    reference = weight(batch_factor=1.0, grad_scale=2.0**16)
+    assert abs(weight(batch_factor=1 / 512) / reference - 1) > 0.1  # the underflow this guards against, unscaled
+    assert weight(batch_factor=1 / 512, grad_scale=2.0**16) == pytest.approx(reference, rel=1e-3)
+    # A scale that overflows float16 is lowered until it does not.
+    assert weight(batch_factor=1.0, grad_scale=2.0**40) == pytest.approx(reference, rel=1e-3)
+    # Without autocast the scale changes nothing but rounding.
+    fp32 = weight(batch_factor=1.0, autocast=False)
+    assert weight(batch_factor=1.0, grad_scale=2.0**16, autocast=False) == pytest.approx(fp32, rel=1e-5)
+
+
 def _random_vgg_like(path: Path, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A two-stage VGG-style net in torchvision's naming: conv 0, relu 1, conv 2, relu 3, pool 4, conv 5, relu 6."""
     shapes = {0: (8, 3), 2: (8, 8), 5: (16, 8)}

@@ -363,7 +363,9 @@ def main(args: argparse.Namespace) -> dict:
                 g_loss = -disc(recon).float().mean()
                 weight = torch.tensor(args.disc_weight)
                 if not args.no_adaptive_disc_weight:
-                    weight = adaptive_adversarial_weight(nll, g_loss, last_layer) * args.disc_weight
+                    # with float16, at the loss scale the main backward pass takes (tiny gradients underflow otherwise)
+                    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+                    weight = adaptive_adversarial_weight(nll, g_loss, last_layer, grad_scale=scale) * args.disc_weight
                 loss = loss + weight * g_loss
                 logs.update({"loss/generator_adversarial": g_loss.item(), "disc/adaptive_weight": float(weight)})
         accelerator.backward(loss)
