@@ -202,7 +202,7 @@ def adaptive_adversarial_weight(
     `grad_scale` (`float`, *optional*): the loss scale of float16 training (`accelerator.scaler.get_scale()`). Under
     float16 autocast the gradients flow back through float16 activations, where a mean over a batch of images gives
     each pixel a gradient near float16's smallest values (~1e-7 at 64 images of 256x256): unscaled, they underflow and
-    the reconstruction norm comes out too small (23% at that size, in the test). The losses are multiplied by the
+    the weight comes out too small (29% in the test, which stands in for that size). The losses are multiplied by the
     scale before differentiating and the gradients divided by it after, as the main backward pass does; if that
     overflows, the scale is lowered by 2**8 until it does not (down to 1).
     """
