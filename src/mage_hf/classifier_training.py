@@ -133,7 +133,10 @@ def fold_batchnorm_into_linear(norm: nn.BatchNorm1d, linear: nn.Linear) -> nn.Li
     if norm.affine:
         shift = shift + norm.bias.double()
     weight = linear.weight.double()  # (K, D)
-    bias = linear.bias.double() if linear.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    if linear.bias is not None:
+        bias = linear.bias.double()
+    else:
+        bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     folded = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
     folded.weight.copy_(weight * scale)
     folded.bias.copy_(bias + weight @ shift)

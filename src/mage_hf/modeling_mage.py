@@ -322,6 +322,9 @@ class MagePreTrainedModel(PreTrainedModel):
     # its decoder's activations overflow float16, its nearest-code search needs the precision, and a codebook rounded
     # at load time could not be restored by upcasting later.
     _keep_in_fp32_modules_strict = ["vq_model"]
+    _supports_sdpa = True
+    # A pre-training folder loads into the encoder or a classifier too; its decoder and MLM head are then unused.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mlm_head\."]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -331,9 +334,6 @@ class MagePreTrainedModel(PreTrainedModel):
             if param.is_floating_point() and "vq_model." not in name:
                 return param.dtype
         return super().dtype
-    _supports_sdpa = True
-    # A pre-training folder loads into the encoder or a classifier too; its decoder and MLM head are then unused.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mlm_head\."]
 
     def freeze_tokenizer(self) -> None:
         """Stop gradients to the VQGAN tokenizer, which MAGE keeps frozen."""
