@@ -131,6 +131,39 @@ def test_classifier_with_class_position_pooling(tmp_path):
         assert (model(pixel_values=images).logits - expected).abs().max() < 1e-5
 
 
+def test_the_reload_check_catches_a_wrong_config_or_changed_weights(tmp_path, monkeypatch):
+    """After writing, the folder must reload to bit-identical weights and to the same outputs (to float rounding:
+    reloaded weights sit at unaligned addresses, which on AVX2 CPUs rounds at ~1e-7). A saved config that does not
+    describe the weights, or a weight that changed on the way, stops the conversion and leaves no folder."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shape = SHAPES["wide-decoder"]
+    checkpoint = save(tmp_path, "ft.pth", make_original_checkpoint(shape, "finetune", seed=3))
+    save_pretrained = MageForImageClassification.save_pretrained
+
+    def wrong_eps(self, folder, *args, **kwargs):
+        save_pretrained(self, folder, *args, **kwargs)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1.0}))
+
+    def changed_weight(self, folder, *args, **kwargs):
+        save_pretrained(self, folder, *args, **kwargs)
+        weights = load_file(folder / "model.safetensors")
+        weights["classifier.bias"] = weights["classifier.bias"] + 1e-3
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    for patch, message in ((wrong_eps, "reloads to different numbers"), (changed_weight, "reloads different values")):
+        monkeypatch.setattr(MageForImageClassification, "save_pretrained", patch)
+        with pytest.raises(CheckpointError, match=message):
+            convert_checkpoint(checkpoint, tmp_path / "out", num_attention_heads=shape.num_heads)
+        assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["ft.pth"]
+    monkeypatch.setattr(MageForImageClassification, "save_pretrained", save_pretrained)
+    convert_checkpoint(checkpoint, tmp_path / "out", num_attention_heads=shape.num_heads)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_every_key_is_accounted_for(tmp_path):
     shape = SHAPES["wide-decoder"]
     ckpt = make_original_checkpoint(shape, "pretrain")
