@@ -442,9 +442,10 @@ def _write_folder(model, probe: torch.Tensor, kind: str, config, folder: Path) -
     # the reloaded weights are copied to aligned memory). A wrong config changes the numbers at the first decimal.
     again = _probe(reloaded, kind, torch.Generator().manual_seed(0))
     if not torch.allclose(probe, again, rtol=1e-5, atol=1e-5):
+        diff = (probe - again).abs().max().item()
         raise CheckpointError(
-            f"The converted folder reloads to different numbers (max abs diff {(probe - again).abs().max().item():.3g}): "
-            "its config does not describe the converted weights; nothing was written to --output."
+            f"The converted folder reloads to different numbers (max abs diff {diff:.3g}): its config does not "
+            "describe the converted weights; nothing was written to --output."
         )
 
 
