@@ -730,7 +730,9 @@ def _unfused_attention(qkv: torch.Tensor, heads: int, scale: float, p: float, ke
     return (weights @ v).transpose(1, 2).reshape(batch, seq_len, width // 3)
 
 
-@pytest.mark.parametrize("batch,seq_len,width,heads", [(2, 37, 96, 3), (3, 17, 64, 4), (1, 2, 32, 2)])
+@pytest.mark.parametrize(
+    "batch,seq_len,width,heads", [(2, 37, 96, 3), (3, 17, 64, 4), (1, 2, 32, 2), (1, 257, 128, 2), (2, 9, 24, 3)]
+)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_native_attention_matches_float64_and_the_op_by_op_path_with_the_same_mask(batch, seq_len, width, heads, p):
     _needs_native()

@@ -131,8 +131,8 @@ at::Tensor& dropout_mask_mul_(at::Tensor& x, int64_t seed, int64_t drop, double 
   return mask_mul_into(x, x, seed, drop, scale);
 }
 
-// exp(x) for the swish: Cephes' single-precision polynomial on [-ln2/2, ln2/2] after range reduction (about 1 ulp),
-// written without libm calls or branches so that the compiler vectorises the loop that calls it.
+// exp(x) for the swish, GELU and softmax: Cephes' single-precision polynomial on [-ln2/2, ln2/2] after range
+// reduction (about 1 ulp), written without libm calls or branches so that loops over it can be vectorised.
 inline float exp_poly(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -146,6 +146,53 @@ inline float exp_poly(float x) {
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+// The same on kLanes floats at once (one register: 16 with AVX-512, else 8), for the hot loops. GCC vectorises a loop
+// over the scalar form only with AVX-512: elsewhere (AVX2) partial redundancy elimination copies the arithmetic after
+// the clamp into the clamp's branches (it is constant there), and under -ftrapping-math those branches are not
+// if-converted, so the loop stayed scalar: 4.8x slower softmax exponentials and 2.7x slower swish on AVX2. Vector
+// code has no branches to split: the clamp is a select. Both forms do the same float operations in the same order.
+#if defined(__AVX512F__)
+#define MAGE_HF_LANES 16
+#else
+#define MAGE_HF_LANES 8
+#endif
+constexpr int kLanes = MAGE_HF_LANES;
+typedef float vecf __attribute__((vector_size(4 * MAGE_HF_LANES)));
+typedef int32_t veci __attribute__((vector_size(4 * MAGE_HF_LANES)));
+
+inline vecf load_vec(const float* p) {
+  vecf v;
+  std::memcpy(&v, p, sizeof(v));  // an unaligned load
+  return v;
+}
+
+inline void store_vec(float* p, vecf v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float sum_vec(vecf v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+inline vecf exp_vec(vecf x) {
+  const vecf lo = vecf{} + -87.0f, hi = vecf{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vecf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vecf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vecf p = vecf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const veci bits = (__builtin_convertvector(n, veci) + 127) << 23;
+  vecf two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
 }
@@ -173,6 +220,30 @@ inline GeluParts gelu_parts(float x) {
   return {x < 0.0f ? q : 1.0f - q, e};
 }
 
+// gelu_parts on kLanes values (see exp_vec). |x| clears the sign bit, as fabs does.
+struct GeluPartsVec {
+  vecf cdf, exp;
+};
+
+inline GeluPartsVec gelu_parts_vec(vecf x) {
+  veci magnitude;
+  std::memcpy(&magnitude, &x, sizeof(x));
+  magnitude &= 0x7fffffff;
+  vecf z;
+  std::memcpy(&z, &magnitude, sizeof(z));
+  z *= 0.70710678118654752f;
+  const vecf t = 1.0f / (0.3275911f * z + 1.0f);
+  vecf r = 0.5307027145f * t + -0.7265760135f;
+  r = r * t + 0.7107068705f;
+  r = r * t + -0.142248368f;
+  r = r * t + 0.127414796f;
+  const vecf e = exp_vec(-(z * z));
+  const vecf q = (t * r) * e;
+  return {x < vecf{} ? q : 1.0f - q, e};
+}
+
+typedef uint16_t vecu16 __attribute__((vector_size(2 * MAGE_HF_LANES)));
+
 // A span of gelu_dropout (kBackward false: out = gelu(in) (* keep)) or of its backward pass (true:
 // out = grad (* keep) * gelu'(in)), as mask_mul_span.
 template <bool kBackward, bool kDrop>
@@ -181,8 +252,26 @@ void gelu_span(const float* __restrict in, const float* __restrict grad, float* 
   draw_chunks(count, first_block, seed, kDrop, [&](int64_t c, int64_t m, const draw16_t* __restrict draws) {
     const float* __restrict x_in = in + c;
     float* __restrict y = out + c;
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) {
+    int64_t i = 0;
+    for (; i + kLanes <= m; i += kLanes) {  // kLanes at a time (see exp_vec), then the rest one by one
+      const vecf x = load_vec(x_in + i);
+      const GeluPartsVec p = gelu_parts_vec(x);
+      vecf v;
+      if (kBackward) {
+        const vecf g = load_vec(grad + c + i);
+        v = (kDrop ? g * scale : g) * (p.cdf + x * (0.3989422804014327f * p.exp));
+      } else {
+        v = x * p.cdf;
+        if (kDrop) v *= scale;
+      }
+      if (kDrop) {
+        vecu16 bits;
+        std::memcpy(&bits, draws + i, sizeof(bits));
+        v = __builtin_convertvector(bits, veci) >= static_cast<int32_t>(drop) ? v : vecf{};
+      }
+      store_vec(y + i, v);
+    }
+    for (; i < m; ++i) {
       const float x = x_in[i];
       const GeluParts p = gelu_parts(x);
       float v;
@@ -314,7 +403,12 @@ at::Tensor& group_norm_silu_out(const at::Tensor& x, const at::Tensor& weight, c
       const float* a = scale.data() + (r / pixels) * channels;
       const float* row = px + r * channels;
       float* dst = po + r * channels;
-      for (int64_t c = 0; c < channels; ++c) {
+      int64_t c = 0;
+      for (; c + kLanes <= channels; c += kLanes) {
+        const vecf v = (load_vec(row + c) - load_vec(m + c)) * load_vec(a + c) + load_vec(beta + c);
+        store_vec(dst + c, v / (1.0f + exp_vec(-v)));
+      }
+      for (; c < channels; ++c) {
         const float v = (row[c] - m[c]) * a[c] + beta[c];
         dst[c] = v / (1.0f + exp_poly(-v));
       }
@@ -361,6 +455,24 @@ inline const float* keep_row(float* __restrict buffer, bits64_t* __restrict bits
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) buffer[j] = draws[j] >= drop ? scale : 0.0f;
   return buffer;
+}
+
+// row[j] = exp(row[j] - m) for j < n (a softmax's numerators), and their sum; both attention passes call it, so that
+// the backward pass recomputes the forward pass's values exactly.
+inline float exp_shifted(float* row, int n, float m) {
+  vecf acc = {};
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vecf e = exp_vec(load_vec(row + j) - m);
+    store_vec(row + j, e);
+    acc += e;
+  }
+  float sum = sum_vec(acc);
+  for (; j < n; ++j) {
+    row[j] = exp_poly(row[j] - m);
+    sum += row[j];
+  }
+  return sum;
 }
 
 // The sizes and scalars both attention passes use, checked once.
@@ -426,13 +538,7 @@ std::vector<at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, int64_t hea
         float m = row[0];
 #pragma omp simd reduction(max : m)
         for (int j = 1; j < n; ++j) m = row[j] > m ? row[j] : m;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < n; ++j) {
-          row[j] = exp_poly(row[j] - m);
-          sum += row[j];
-        }
-        const float inv = 1.0f / sum;
+        const float inv = 1.0f / exp_shifted(row, n, m);
         pstats[2 * (task * n + i)] = m;
         pstats[2 * (task * n + i) + 1] = inv;
         if (s.drop > 0) {
@@ -485,7 +591,8 @@ at::Tensor attention_dropout_bwd(const at::Tensor& grad_out, const at::Tensor& q
         float* g = grad_probs + static_cast<size_t>(i) * n;
         float* dp = dropped + static_cast<size_t>(i) * n;
         const float m = pstats[2 * (task * n + i)], inv = pstats[2 * (task * n + i) + 1];
-        for (int j = 0; j < n; ++j) p[j] = exp_poly(p[j] - m) * inv;
+        exp_shifted(p, n, m);  // the forward pass's probabilities, bit for bit
+        for (int j = 0; j < n; ++j) p[j] *= inv;
         if (s.drop > 0) {
           const float* kr = keep_row(keep, bits, (task * n + i) * static_cast<int64_t>(n), n, s.seed, s.drop,
                                     s.keep_scale);
