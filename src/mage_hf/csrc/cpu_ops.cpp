@@ -59,6 +59,33 @@ static_assert(std::endian::native == std::endian::little, "the draws are read as
 typedef uint64_t __attribute__((may_alias)) bits64_t;
 typedef uint16_t __attribute__((may_alias)) draw16_t;
 
+// kLanes floats in one register: 16 with AVX-512, else 8 (AVX2). The hot loops are written on these vectors where
+// GCC would not vectorise the scalar form on AVX2 (see mask_mul_span and exp_vec); each does the same float
+// operations as the scalar form it stands for.
+#if defined(__AVX512F__)
+#define MAGE_HF_LANES 16
+#else
+#define MAGE_HF_LANES 8
+#endif
+constexpr int kLanes = MAGE_HF_LANES;
+typedef float vecf __attribute__((vector_size(4 * MAGE_HF_LANES)));
+typedef int32_t veci __attribute__((vector_size(4 * MAGE_HF_LANES)));
+typedef uint16_t vecu16 __attribute__((vector_size(2 * MAGE_HF_LANES)));
+
+inline vecf load_vec(const float* p) {
+  vecf v;
+  std::memcpy(&v, p, sizeof(v));  // an unaligned load
+  return v;
+}
+
+inline void store_vec(float* p, vecf v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float sum_vec(vecf v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
 inline void chunk_bits(bits64_t* __restrict bits, int64_t first, int64_t count, uint64_t seed) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) bits[j] = block_bits(seed, first + j);
@@ -95,8 +122,14 @@ void mask_mul_span(const float* __restrict x, float* __restrict out, int64_t cou
   draw_chunks(count, first_block, seed, true, [&](int64_t c, int64_t m, const draw16_t* __restrict draws) {
     const float* __restrict in = kInPlace ? out + c : x + c;
     float* __restrict y = out + c;
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) {
+    int64_t i = 0;
+    for (; i + kLanes <= m; i += kLanes) {  // GCC leaves the scalar loop below unvectorised on AVX2
+      vecu16 bits;
+      std::memcpy(&bits, draws + i, sizeof(bits));
+      store_vec(y + i, __builtin_convertvector(bits, veci) >= static_cast<int32_t>(drop) ? load_vec(in + i) * scale
+                                                                                        : vecf{});
+    }
+    for (; i < m; ++i) {
       const float v = in[i] * scale;
       y[i] = draws[i] >= drop ? v : 0.0f;
     }
@@ -150,34 +183,11 @@ inline float exp_poly(float x) {
   return p * two_n;
 }
 
-// The same on kLanes floats at once (one register: 16 with AVX-512, else 8), for the hot loops. GCC vectorises a loop
-// over the scalar form only with AVX-512: elsewhere (AVX2) partial redundancy elimination copies the arithmetic after
-// the clamp into the clamp's branches (it is constant there), and under -ftrapping-math those branches are not
-// if-converted, so the loop stayed scalar: 4.8x slower softmax exponentials and 2.7x slower swish on AVX2. Vector
-// code has no branches to split: the clamp is a select. Both forms do the same float operations in the same order.
-#if defined(__AVX512F__)
-#define MAGE_HF_LANES 16
-#else
-#define MAGE_HF_LANES 8
-#endif
-constexpr int kLanes = MAGE_HF_LANES;
-typedef float vecf __attribute__((vector_size(4 * MAGE_HF_LANES)));
-typedef int32_t veci __attribute__((vector_size(4 * MAGE_HF_LANES)));
-
-inline vecf load_vec(const float* p) {
-  vecf v;
-  std::memcpy(&v, p, sizeof(v));  // an unaligned load
-  return v;
-}
-
-inline void store_vec(float* p, vecf v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float sum_vec(vecf v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
+// The same on kLanes floats at once, for the hot loops. GCC vectorises a loop over the scalar form only with
+// AVX-512: elsewhere (AVX2) partial redundancy elimination copies the arithmetic after the clamp into the clamp's
+// branches (it is constant there), and under -ftrapping-math those branches are not if-converted, so the loop stayed
+// scalar: 4.8x slower softmax exponentials and 2.7x slower swish on AVX2. Vector code has no branches to split: the
+// clamp is a select. Both forms do the same float operations in the same order.
 inline vecf exp_vec(vecf x) {
   const vecf lo = vecf{} + -87.0f, hi = vecf{} + 88.0f;
   x = x < lo ? lo : x;
@@ -241,8 +251,6 @@ inline GeluPartsVec gelu_parts_vec(vecf x) {
   const vecf q = (t * r) * e;
   return {x < vecf{} ? q : 1.0f - q, e};
 }
-
-typedef uint16_t vecu16 __attribute__((vector_size(2 * MAGE_HF_LANES)));
 
 // A span of gelu_dropout (kBackward false: out = gelu(in) (* keep)) or of its backward pass (true:
 // out = grad (* keep) * gelu'(in)), as mask_mul_span.
