@@ -204,7 +204,18 @@ def machine_header(peaks: list[float], threads: int) -> str:
     return (
         f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, {_timer['name']} time; measured fp32 "
         f"sgemm peak {max(peaks):.1f} GFLOP/s (2048^2, best of 5{spread})" + _malloc_environment()
+        + _instruction_set_limits()
     )
+
+
+# Variables that keep MKL, ATen's vectorised kernels, oneDNN and our native kernels to an older instruction set (e.g.
+# AVX2 on an AVX-512 machine, to measure the code an AVX2 CPU runs); the original's worker inherits all of them.
+_ISA_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MAGE_HF_NATIVE_ARCH")
+
+
+def _instruction_set_limits() -> str:
+    settings = [f"{k}={os.environ[k]}" for k in _ISA_VARIABLES if os.environ.get(k)]
+    return f"; instruction sets limited by {' '.join(settings)}" if settings else ""
 
 
 def is_malloc_variable(name: str) -> bool:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,6 +422,57 @@ assert set(x.grad.unique().tolist()) <= {{0.0, 2.0}}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "could not be built" not in run.stderr
+
+
+def _native_results() -> dict:
+    """The vectorised native kernels on fixed inputs: dropout, GELU + dropout (both directions), group norm + swish
+    and attention."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4099, generator=g) * 4  # not a multiple of any vector width: the scalar tails run too
+    images = torch.randn(2, 40, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    qkv = torch.randn(2, 37, 3 * 64, generator=g)
+    gelu_in = x.clone().requires_grad_()
+    gelu = torch.ops.mage_hf.gelu_dropout(gelu_in.detach(), 11, 6554, 1 / 0.9)
+    norm = torch.ops.mage_hf.group_norm_silu_out(images, torch.ones(40), torch.zeros(40), 8, 1e-6,
+                                                 torch.empty_like(images))
+    return {
+        "dropout": torch.ops.mage_hf.dropout_mask_mul(x, 7, 6554, 1 / 0.9),
+        "gelu": gelu,
+        "gelu_backward": torch.ops.mage_hf.gelu_dropout_backward(torch.ones_like(x), x, 11, 6554, 1 / 0.9),
+        "group_norm_silu": norm,
+        "attention": torch.ops.mage_hf.attention_dropout_fwd(qkv, 4, 0.125, 5, 6554, 1 / 0.9)[0],
+    }
+
+
+def test_native_kernels_built_for_another_instruction_set_compute_the_same(tmp_path):
+    """MAGE_HF_NATIVE_ARCH=haswell builds the AVX2 code paths (8-float vectors) on any x86-64 machine; they agree
+    with this machine's build: the same dropout masks, and values equal up to float32 rounding. A value that is not
+    a -march name is refused with a warning, and the pure-torch paths run."""
+    if not _can_build_native():
+        pytest.skip("the native CPU kernels cannot be built here")
+    assert cpu_kernels.native_ops_available()
+    script = f"""
+import torch, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from mage_hf import cpu_kernels
+from test_cpu_kernels import _native_results
+assert cpu_kernels.native_ops_available()
+torch.save(_native_results(), {str(tmp_path / "haswell.pt")!r})
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "build"), "MAGE_HF_NATIVE_ARCH": "haswell"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "-march=haswell" in next((tmp_path / "build").glob("*/build.ninja")).read_text()
+    theirs, ours = torch.load(tmp_path / "haswell.pt", weights_only=True), _native_results()
+    for name, value in ours.items():
+        assert torch.equal(theirs[name] == 0, value == 0), name  # the same elements dropped (or exactly zero)
+        torch.testing.assert_close(theirs[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    env["MAGE_HF_NATIVE_ARCH"] = "native; rm -rf /"
+    run = subprocess.run([sys.executable, "-c", "from mage_hf import cpu_kernels; "
+                          "assert cpu_kernels.native_ops_available() is False"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "is not a -march value" in run.stderr
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3])

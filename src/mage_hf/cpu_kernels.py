@@ -98,6 +98,7 @@ import logging
 import math
 import os
 import platform
+import re
 import threading
 import weakref
 from pathlib import Path
@@ -583,7 +584,8 @@ def native_ops_available() -> bool:
     """Whether the native CPU kernels (`csrc/cpu_ops.cpp`) are loaded, compiling them on the first call (a few
     seconds, then cached). False when `MAGE_HF_NATIVE_KERNELS=0` or when they cannot be built here (no C++ compiler,
     or a platform it does not support); the callers then use the pure-torch paths, and the first failure is logged
-    once with its reason."""
+    once with its reason. They are compiled for this machine's instruction set (`-march=native`), or for the GCC
+    `-march` value in `MAGE_HF_NATIVE_ARCH` (e.g. `haswell`: the AVX2 code paths, on any newer x86 CPU)."""
     if _native["state"] is None:
         with _native_lock:
             if _native["state"] is None:
@@ -596,7 +598,14 @@ def _load_native() -> bool:
         return False
     if all(hasattr(torch.ops.mage_hf, op) for op in _NATIVE_OPS):
         return True  # loaded already (by another copy of this module)
-    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+    # For the build machine's instruction set, or the one MAGE_HF_NATIVE_ARCH names (a GCC -march value, e.g.
+    # "haswell": AVX2 code on an AVX-512 machine, to see what an AVX2 CPU runs).
+    arch = os.environ.get("MAGE_HF_NATIVE_ARCH", "native").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arch):
+        logger.warning("mage_hf: MAGE_HF_NATIVE_ARCH=%r is not a -march value (such as native or haswell); the "
+                       "native CPU kernels are not built, the pure-torch paths run instead.", arch)
+        return False
+    flags = ["-O3", f"-march={arch}", "-mprefer-vector-width=512", "-fopenmp"]
     key = "\n".join([_SOURCE.read_text(), torch.__version__, _cpu_fingerprint(), " ".join(flags)])
     name = "mage_hf_cpu_ops_" + hashlib.sha1(key.encode()).hexdigest()[:16]
     try:
