@@ -169,46 +169,49 @@ at::Tensor& dropout_mask_mul_(at::Tensor& x, int64_t seed, int64_t drop, double 
 }
 
 // exp(x) for the swish, GELU and softmax: Cephes' single-precision polynomial on [-ln2/2, ln2/2] after range
-// reduction (about 1 ulp), written without libm calls or branches so that loops over it can be vectorised.
-inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;           // x - n ln2, in two parts
-  float p = 1.9875691500e-4f;
+// reduction (about 1 ulp), written without libm calls or branches so that loops over it can be vectorised. exp(x) =
+// p(r) 2^n with n = round(x / ln2) and r = x - n ln2, for x clamped to [-87, 88]; exp_round and exp_mantissa take n and
+// p(r) on a float (exp_poly) or a vecf (exp_vec), so that both forms do the same float operations.
+template <class T>
+inline T exp_round(T x) {
+  return (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+}
+
+template <class T>
+inline T exp_mantissa(T x, T n) {
+  const T r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = exp_round(x);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
+  return exp_mantissa(x, n) * two_n;
 }
 
 // The same on kLanes floats at once, for the hot loops. GCC vectorises a loop over the scalar form only with
 // AVX-512: elsewhere (AVX2) partial redundancy elimination copies the arithmetic after the clamp into the clamp's
 // branches (it is constant there), and under -ftrapping-math those branches are not if-converted, so the loop stayed
 // scalar: 4.8x slower softmax exponentials and 3.0x slower swish on AVX2. Vector code has no branches to split: the
-// clamp is a select. Both forms do the same float operations in the same order.
+// clamp is a select.
 inline vecf exp_vec(vecf x) {
   const vecf lo = vecf{} + -87.0f, hi = vecf{} + 88.0f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const vecf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const vecf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vecf p = vecf{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vecf n = exp_round(x);
   const veci bits = (__builtin_convertvector(n, veci) + 127) << 23;
   vecf two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
+  return exp_mantissa(x, n) * two_n;
 }
 
 // GELU in its exact (erf) form, x Phi(x), for the MLP's hidden activations, with dropout_mask_mul's mask fused in
@@ -222,15 +225,20 @@ struct GeluParts {
   float exp;  // exp(-x^2 / 2)
 };
 
+// The quartic r(t), on a float (gelu_parts) or a vecf (gelu_parts_vec).
+template <class T>
+inline T erfc_quartic(T t) {
+  T r = 0.5307027145f * t + -0.7265760135f;  // 7.1.26's coefficients, halved
+  r = r * t + 0.7107068705f;
+  r = r * t + -0.142248368f;
+  return r * t + 0.127414796f;
+}
+
 inline GeluParts gelu_parts(float x) {
   const float z = std::fabs(x) * 0.70710678118654752f;
   const float t = 1.0f / (0.3275911f * z + 1.0f);
-  float r = 0.5307027145f * t + -0.7265760135f;  // 7.1.26's coefficients, halved
-  r = r * t + 0.7107068705f;
-  r = r * t + -0.142248368f;
-  r = r * t + 0.127414796f;
   const float e = exp_poly(-(z * z));
-  const float q = (t * r) * e;
+  const float q = (t * erfc_quartic(t)) * e;
   return {x < 0.0f ? q : 1.0f - q, e};
 }
 
@@ -247,12 +255,8 @@ inline GeluPartsVec gelu_parts_vec(vecf x) {
   std::memcpy(&z, &magnitude, sizeof(z));
   z *= 0.70710678118654752f;
   const vecf t = 1.0f / (0.3275911f * z + 1.0f);
-  vecf r = 0.5307027145f * t + -0.7265760135f;
-  r = r * t + 0.7107068705f;
-  r = r * t + -0.142248368f;
-  r = r * t + 0.127414796f;
   const vecf e = exp_vec(-(z * z));
-  const vecf q = (t * r) * e;
+  const vecf q = (t * erfc_quartic(t)) * e;
   return {x < vecf{} ? q : 1.0f - q, e};
 }
 
